@@ -1,0 +1,100 @@
+"""Load-balancing loss (Eq. 8, Switch/Mixtral reading) and how its gradient reaches the router.
+
+Per layer and round: ``L = n · Σ_i f_i P_i`` with ``f_i`` the share of (non-padding) tokens that
+chose expert ``i`` (``Σ f = k``) and ``P_i`` the mean router probability; uniform routing gives
+``k``.
+
+Why the gradient is injected rather than left on a returned tensor: under reentrant activation
+checkpointing the first forward runs without autograd, so a loss tensor collected there has no
+graph, and under non-reentrant checkpointing the forward runs twice. Instead each layer passes
+its output through :class:`AuxLossGradInjector`, which in backward adds ``scale · ∂L/∂θ`` to the
+router's gradient (as Megatron-LM does). The recomputed forward builds the graph the injection
+uses, so both checkpointing modes give the gradient of plain ``coef · aux``, once; the *value*
+is recorded once, in the first forward only (see :class:`RoutingRecorder`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def load_balancing_loss(
+    router_probs: torch.Tensor, expert_index: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``L_t`` for each round.
+
+    Args:
+        router_probs: ``[T, M, n]`` softmax probabilities (differentiable).
+        expert_index: ``[T, M, k]`` chosen experts.
+        token_mask: ``[M]`` bool, ``False`` for padding tokens; ``None`` counts every token.
+    Returns:
+        ``[T]`` fp32 (or wider) losses; no host synchronisation.
+    """
+    num_experts = router_probs.shape[-1]
+    chosen = expert_selection_counts(expert_index, num_experts, token_mask).to(router_probs.dtype)
+    if token_mask is None:
+        weight = router_probs.new_ones(router_probs.shape[1])
+    else:
+        weight = token_mask.to(router_probs.dtype)
+    count = weight.sum().clamp_min(1)
+    f = chosen / count  # [T, n]
+    mean_prob = torch.einsum("tmn,m->tn", router_probs, weight) / count
+    return num_experts * (f * mean_prob).sum(-1)
+
+
+def expert_selection_counts(
+    expert_index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[T, n]`` int64: how many (non-padding) tokens chose each expert in each round."""
+    one_hot = F.one_hot(expert_index, num_experts).sum(-2)  # [T, M, n]
+    if token_mask is not None:
+        one_hot = one_hot * token_mask[None, :, None].to(one_hot.dtype)
+    return one_hot.sum(1)
+
+
+class AuxLossGradInjector(torch.autograd.Function):
+    """Identity on ``y``; in backward also sends ``scale`` as the gradient of ``aux``."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_y.device)
+        return grad_y, grad_aux, None
+
+
+class RoutingRecorder:
+    """Shared by the GraphMoE layers of one converted model; driven by the model's hooks.
+
+    ``recording`` is on from the model's forward pre-hook to its forward hook, so a forward that
+    activation checkpointing re-runs during backward records nothing twice. ``token_mask`` and
+    ``aux_grad_scale`` stay set until the next forward, so that re-run sees the same ones.
+    """
+
+    def __init__(self) -> None:
+        self.recording = True
+        self.token_mask: torch.Tensor | None = None
+        self.aux_grad_scale = 0.0
+        self.aux_values: list[torch.Tensor] = []
+
+    def start(self, token_mask: torch.Tensor | None, aux_grad_scale: float) -> None:
+        self.recording = True
+        self.token_mask = None if token_mask is None else token_mask.reshape(-1).bool()
+        self.aux_grad_scale = aux_grad_scale
+        self.aux_values = []
+
+    def stop(self) -> torch.Tensor | None:
+        """Ends recording; returns the mean aux loss over layers and rounds (detached)."""
+        self.recording = False
+        if not self.aux_values:
+            return None
+        return torch.cat(self.aux_values).mean()
+
+    def token_mask_for(self, num_tokens: int) -> torch.Tensor | None:
+        mask = self.token_mask
+        return mask if mask is not None and mask.numel() == num_tokens else None
