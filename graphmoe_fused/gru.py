@@ -19,9 +19,15 @@ from .config import GRU_CANDIDATE_ACTIVATIONS, GRU_CANDIDATE_INPUTS
 
 
 def lowrank_gru_reference(
-    h: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-    weight_z: torch.Tensor, weight_r: torch.Tensor, weight_o: torch.Tensor, bias_o: torch.Tensor,
-    candidate_input: str = "y", candidate_activation: str = "sigmoid",
+    h: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight_z: torch.Tensor,
+    weight_r: torch.Tensor,
+    weight_o: torch.Tensor,
+    bias_o: torch.Tensor,
+    candidate_input: str = "y",
+    candidate_activation: str = "sigmoid",
 ) -> torch.Tensor:
     """One GRU step written as the equations read; returns the new state ``h'``."""
     hy = torch.cat([h, y], dim=-1)
@@ -37,8 +43,13 @@ class LowRankGRU(nn.Module):
     """Parameters of the low-rank GRU; ``forward`` is the reference step plus ``g = W_g h'``."""
 
     def __init__(
-        self, hidden_size: int, gru_hidden_size: int, candidate_input: str = "y",
-        candidate_activation: str = "sigmoid", device=None, dtype=None,
+        self,
+        hidden_size: int,
+        gru_hidden_size: int,
+        candidate_input: str = "y",
+        candidate_activation: str = "sigmoid",
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         if candidate_input not in GRU_CANDIDATE_INPUTS:
@@ -66,15 +77,26 @@ class LowRankGRU(nn.Module):
         nn.init.uniform_(self.bias_o, -bound, bound)
         nn.init.zeros_(self.weight_g)
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(h', g)``."""
         h_new = lowrank_gru_reference(
-            h, y, x, self.weight_z, self.weight_r, self.weight_o, self.bias_o,
-            self.candidate_input, self.candidate_activation,
+            h,
+            y,
+            x,
+            self.weight_z,
+            self.weight_r,
+            self.weight_o,
+            self.bias_o,
+            self.candidate_input,
+            self.candidate_activation,
         )
         return h_new, F.linear(h_new, self.weight_g)
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, gru_hidden_size={self.gru_hidden_size}, "
-                f"candidate_input={self.candidate_input!r}, "
-                f"candidate_activation={self.candidate_activation!r}")
+        return (
+            f"hidden_size={self.hidden_size}, gru_hidden_size={self.gru_hidden_size}, "
+            f"candidate_input={self.candidate_input!r}, "
+            f"candidate_activation={self.candidate_activation!r}"
+        )

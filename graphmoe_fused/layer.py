@@ -13,7 +13,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .aux_loss import AuxLossGradInjector, RoutingRecorder, expert_selection_counts, load_balancing_loss
+from .aux_loss import (
+    AuxLossGradInjector,
+    RoutingRecorder,
+    expert_selection_counts,
+    load_balancing_loss,
+)
 from .config import GraphMoEConfig
 from .gru import LowRankGRU
 from .params import GraphMoEParams, RoundOptions, RoutedOutput
@@ -59,7 +64,7 @@ def _is_silu(act: nn.Module | Callable) -> bool:
 
 
 class GraphMoEMLP(nn.Module):
-    """GraphMoE over MixLoRA experts in place of a SwiGLU MLP (``gate_proj``/``up_proj``/``down_proj``).
+    """GraphMoE over MixLoRA experts in place of a SwiGLU MLP (gate, up and down projections).
 
     ``forward(x)`` takes and returns ``[..., d]`` like ``LlamaMLP``. The base projections are
     frozen and shared with the MLP it was built from; ``router``, the six ``lora_*`` factors and
@@ -72,9 +77,16 @@ class GraphMoEMLP(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, config: GraphMoEConfig | None = None, *,
-        gate_proj: nn.Linear | None = None, up_proj: nn.Linear | None = None,
-        down_proj: nn.Linear | None = None, device=None, dtype=None,
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        config: GraphMoEConfig | None = None,
+        *,
+        gate_proj: nn.Linear | None = None,
+        up_proj: nn.Linear | None = None,
+        down_proj: nn.Linear | None = None,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         config = config or GraphMoEConfig()
@@ -85,13 +97,19 @@ class GraphMoEMLP(nn.Module):
         self.gate_proj = gate_proj if gate_proj is not None else nn.Linear(d, dff, bias=False, **kw)
         self.up_proj = up_proj if up_proj is not None else nn.Linear(d, dff, bias=False, **kw)
         self.down_proj = down_proj if down_proj is not None else nn.Linear(dff, d, bias=False, **kw)
-        for name, proj, shape in (("gate_proj", self.gate_proj, (dff, d)),
-                                  ("up_proj", self.up_proj, (dff, d)),
-                                  ("down_proj", self.down_proj, (d, dff))):
+        for name, proj, shape in (
+            ("gate_proj", self.gate_proj, (dff, d)),
+            ("up_proj", self.up_proj, (dff, d)),
+            ("down_proj", self.down_proj, (d, dff)),
+        ):
             if tuple(proj.weight.shape) != shape:
-                raise ValueError(f"{name}.weight has shape {tuple(proj.weight.shape)}, expected {shape}")
+                raise ValueError(
+                    f"{name}.weight has shape {tuple(proj.weight.shape)}, expected {shape}"
+                )
             if proj.bias is not None:
-                raise ValueError(f"{name} has a bias; GraphMoEMLP supports bias-free SwiGLU MLPs only")
+                raise ValueError(
+                    f"{name} has a bias; GraphMoEMLP supports bias-free SwiGLU MLPs only"
+                )
             proj.weight.requires_grad_(False)
 
         self.router = nn.Linear(d, n, bias=False, **kw)
@@ -101,9 +119,12 @@ class GraphMoEMLP(nn.Module):
         self.lora_B_up = nn.Parameter(torch.empty(n, dff, r, **kw))
         self.lora_A_down = nn.Parameter(torch.empty(n, r, dff, **kw))
         self.lora_B_down = nn.Parameter(torch.empty(n, d, r, **kw))
-        self.gru = LowRankGRU(d, dh, config.gru_candidate_input, config.gru_candidate_activation, **kw)
+        self.gru = LowRankGRU(
+            d, dh, config.gru_candidate_input, config.gru_candidate_activation, **kw
+        )
         self.register_buffer(
-            "expert_counts", torch.zeros(config.num_rounds, n, dtype=torch.long, device=device),
+            "expert_counts",
+            torch.zeros(config.num_rounds, n, dtype=torch.long, device=device),
             persistent=False,
         )
         self.recorder: RoutingRecorder | None = None
@@ -120,12 +141,19 @@ class GraphMoEMLP(nn.Module):
                 )
         act = getattr(mlp, "act_fn", None)
         if act is None or not _is_silu(act):
-            raise ValueError(f"{type(mlp).__name__}.act_fn is {act!r}; GraphMoEMLP needs SiLU (SwiGLU)")
+            raise ValueError(
+                f"{type(mlp).__name__}.act_fn is {act!r}; GraphMoEMLP needs SiLU (SwiGLU)"
+            )
         w = mlp.gate_proj.weight
         return cls(
-            mlp.gate_proj.in_features, mlp.gate_proj.out_features, config,
-            gate_proj=mlp.gate_proj, up_proj=mlp.up_proj, down_proj=mlp.down_proj,
-            device=w.device, dtype=w.dtype,
+            mlp.gate_proj.in_features,
+            mlp.gate_proj.out_features,
+            config,
+            gate_proj=mlp.gate_proj,
+            up_proj=mlp.up_proj,
+            down_proj=mlp.down_proj,
+            device=w.device,
+            dtype=w.dtype,
         )
 
     def reset_parameters(self) -> None:
@@ -141,10 +169,21 @@ class GraphMoEMLP(nn.Module):
     def params(self) -> GraphMoEParams:
         g = self.gru
         return GraphMoEParams(
-            self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.router.weight,
-            self.lora_A_gate, self.lora_B_gate, self.lora_A_up, self.lora_B_up,
-            self.lora_A_down, self.lora_B_down,
-            g.weight_z, g.weight_r, g.weight_o, g.bias_o, g.weight_g,
+            self.gate_proj.weight,
+            self.up_proj.weight,
+            self.down_proj.weight,
+            self.router.weight,
+            self.lora_A_gate,
+            self.lora_B_gate,
+            self.lora_A_up,
+            self.lora_B_up,
+            self.lora_A_down,
+            self.lora_B_down,
+            g.weight_z,
+            g.weight_r,
+            g.weight_o,
+            g.bias_o,
+            g.weight_g,
         )
 
     def round_options(self) -> RoundOptions:
@@ -153,10 +192,13 @@ class GraphMoEMLP(nn.Module):
         # The seed comes from the global CPU generator: no device sync, reproducible by manual_seed.
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
         return RoundOptions(
-            top_k=cfg.top_k, lora_scaling=cfg.lora_scaling, num_rounds=cfg.num_rounds,
+            top_k=cfg.top_k,
+            lora_scaling=cfg.lora_scaling,
+            num_rounds=cfg.num_rounds,
             gru_candidate_input=cfg.gru_candidate_input,
             gru_candidate_activation=cfg.gru_candidate_activation,
-            dropout_p=dropout_p, dropout_seed=seed,
+            dropout_p=dropout_p,
+            dropout_seed=seed,
             recompute_intermediates=cfg.recompute_intermediates,
         )
 
@@ -214,6 +256,8 @@ class GraphMoEMLP(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-                f"num_experts={c.num_experts}, top_k={c.top_k}, lora_r={c.lora_r}, "
-                f"num_rounds={c.num_rounds}, backend={c.backend!r}")
+        return (
+            f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+            f"num_experts={c.num_experts}, top_k={c.top_k}, lora_r={c.lora_r}, "
+            f"num_rounds={c.num_rounds}, backend={c.backend!r}"
+        )
