@@ -248,7 +248,7 @@ class GraphMoEMLP(nn.Module):
         if return_aux_loss:
             return y.view(x.shape), aux_rounds.mean()
         if rec is not None and rec.aux_grad_scale and aux_rounds.requires_grad:
-            y = AuxLossGradInjector.apply(y, aux_rounds, rec.aux_grad_scale)
+            y = AuxLossGradInjector.apply(y, aux_rounds, rec.aux_grad_scale, rec.loss_grad)
         return y.view(x.shape)
 
     def reset_routing_stats(self) -> None:

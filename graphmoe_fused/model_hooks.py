@@ -1,0 +1,163 @@
+"""Model-level hooks that drive the shared :class:`RoutingRecorder` of a converted model.
+
+A forward pre-hook on the model starts recording (token mask from a 2-D ``attention_mask``; the
+aux-loss gradient scale ``coef / (layers · T)`` when ``labels`` are given and grad is enabled, the
+gradient of ``coef ·`` the mean over layers and rounds); a forward hook stops it, exposes
+``aux_loss`` on the output and, with ``labels``, adds ``coef · aux_loss`` to ``loss``. The loss
+passes through :class:`LossGradTap`, so the injected aux gradient follows any scaling of the loss.
+
+The module that owns the decoder layers (``model.model`` in LLaMA) is hooked too, so calling it
+directly also records statistics and reports ``aux_loss``; a depth counter makes the outermost
+hooked call the only one that starts and stops.
+
+Limitation (as for every recorder-based design): activation checkpointing re-runs a layer during
+backward with the recorder's current token mask, so call ``backward`` before the next forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .aux_loss import LossGradTap, RoutingRecorder
+from .config import GraphMoEConfig
+from .layer import GraphMoEMLP
+
+
+class RoutingHooks:
+    """State shared by the hooks of one converted model (kept as ``model._graphmoe_hooks``).
+
+    The hooks are bound methods of :class:`_ModuleHooks` objects that reference this state, so
+    ``copy.deepcopy`` / pickling a converted model carries hooks, state and recorder together.
+    ``config`` is the model's own ``graphmoe_config``: the coefficient is read at each forward,
+    so changing ``model.graphmoe_config.router_aux_loss_coef`` (a schedule) takes effect.
+    """
+
+    def __init__(self, recorder: RoutingRecorder, config: GraphMoEConfig, num_layers: int) -> None:
+        self.recorder = recorder
+        self.config = config
+        self.num_layers = num_layers
+        self.depth = 0
+        self.labels_given = False
+
+    @property
+    def coef(self) -> float:
+        return self.config.router_aux_loss_coef
+
+
+def _bind(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The forward's arguments by name, whether passed positionally or as keywords."""
+    if signature is None:
+        return dict(kwargs)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:  # let the forward itself report a bad call
+        return dict(kwargs)
+    named = dict(bound.arguments)
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(param.name, {}))
+    return named
+
+
+def token_mask_from(named: Mapping[str, Any]) -> torch.Tensor | None:
+    """``[B, S]`` bool mask of real tokens from a 2-D ``attention_mask``, else ``None``.
+
+    With a KV cache the mask covers past and new tokens while the layers see only the new ``S``:
+    its last ``S`` columns are the ones that apply.
+    """
+    mask = named.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    tokens = named.get("input_ids")
+    if not isinstance(tokens, torch.Tensor):
+        tokens = named.get("inputs_embeds")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2:
+        seq = tokens.shape[1]
+        if mask.shape[1] > seq:
+            mask = mask[:, -seq:]
+    return mask != 0
+
+
+def _reference_device(named: Mapping[str, Any]) -> torch.device | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(named.get(key), torch.Tensor):
+            return named[key].device
+    return None
+
+
+class _ModuleHooks:
+    """The pre-hook and hook of one hooked module; ``owns_loss`` for the top model only."""
+
+    def __init__(self, state: RoutingHooks, owns_loss: bool) -> None:
+        self.state, self.owns_loss = state, owns_loss
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state = self.state
+        state.depth += 1
+        if state.depth > 1:
+            return None
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            signature = None
+        named = _bind(signature, args, kwargs)
+        labels_given = self.owns_loss and named.get("labels") is not None
+        scale, loss_grad = 0.0, None
+        if labels_given and torch.is_grad_enabled() and state.coef > 0:
+            scale = state.coef / (state.num_layers * state.config.num_rounds)
+            loss_grad = torch.ones((), dtype=torch.float32, device=_reference_device(named))
+        state.labels_given = labels_given
+        state.recorder.start(token_mask_from(named), scale, loss_grad)
+        return None
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state = self.state
+        state.depth -= 1
+        if state.depth > 0:
+            return None
+        aux = state.recorder.stop()
+        if aux is None:
+            return None
+        if isinstance(output, dict):
+            loss = output.get("loss")
+        else:
+            loss = output[0] if isinstance(output, tuple) and output else None
+        if state.labels_given and isinstance(loss, torch.Tensor):
+            loss = loss + state.coef * aux.to(device=loss.device, dtype=loss.dtype)
+            holder = state.recorder.loss_grad
+            if holder is not None and loss.requires_grad:
+                loss = LossGradTap.apply(loss, holder)
+            if isinstance(output, tuple):
+                output = (loss, *output[1:])
+            else:
+                output["loss"] = loss
+        if isinstance(output, dict):  # ModelOutput is an OrderedDict: sets item and attribute
+            output["aux_loss"] = aux
+        return output
+
+
+def install_routing_hooks(model: nn.Module, layer_names: list[str],
+                          config: GraphMoEConfig) -> RoutingHooks:
+    """Shares one recorder between the GraphMoE layers under ``layer_names`` and hooks ``model``
+    (loss and ``aux_loss``) and each module owning a list of those layers (``aux_loss`` only)."""
+    layers = [model.get_submodule(f"{name}.mlp") for name in layer_names]
+    if not all(isinstance(layer, GraphMoEMLP) for layer in layers):
+        raise TypeError("install_routing_hooks expects converted (GraphMoEMLP) layers")
+    recorder = RoutingRecorder()
+    recorder.recording = False  # only a hooked forward records; stray re-runs never do
+    for layer in layers:
+        layer.recorder = recorder
+    state = RoutingHooks(recorder, config, len(layers))
+    owners = {name.rsplit(".", 2)[0] if name.count(".") >= 2 else "" for name in layer_names}
+    hooked = [(model, True)] + [(model.get_submodule(o), False) for o in sorted(owners) if o]
+    for module, owns_loss in hooked:
+        hooks = _ModuleHooks(state, owns_loss)
+        module.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True)
+        module.register_forward_hook(hooks.post_hook, with_kwargs=True, always_call=True)
+    model._graphmoe_hooks = state
+    return state

@@ -1,0 +1,441 @@
+"""The `torch` backend: the GraphMoE layer in plain PyTorch, the fast way, on any device.
+
+Same function as :func:`graphmoe_fused.reference.graphmoe_reference` (within rounding), with:
+
+* **3 base GEMMs per token per round whatever k is.** Gate and up are computed once and shared by
+  the chosen experts; the down projection runs once on the mixed activation, because ``W_D`` is
+  linear and shared: ``Σ_j w_j W_D h_j = W_D Σ_j w_j h_j`` (DESIGN §2). Only the rank-r deltas
+  are per slot; they go through :mod:`graphmoe_fused.torch_expert` (masked dense over all
+  experts, or grouped by expert), never a Python loop over experts.
+* **No host sync** (no ``.item()``, ``nonzero``, data-dependent shape) in forward or backward.
+* **A hand-written backward** (:class:`_GraphMoEFunction`) that saves little: the input, the
+  router probabilities and chosen experts (outputs anyway), the rank-r LoRA activations (fp32),
+  and per round boundary the GRU state and the experts' output ``y_t``. Everything ``D'``-wide
+  (``G``, ``U``, ``gate_j``, ``up_j``, ``h_j``) is recomputed in backward from those, and the
+  round inputs ``x_t`` are rebuilt from ``x`` and the GRU states. With
+  ``recompute_intermediates=False`` the per-slot ``gate_j`` and ``up_j`` are saved instead,
+  which skips the recomputation (two base GEMMs and the LoRA-B products per round) for
+  ``2·k·D'`` values per token per round.
+* **Dtypes.** The compute dtype of the GEMMs is the autocast dtype when autocast is on for x's
+  device (fp64 inputs excepted, as autocast itself leaves fp64 alone), else x's dtype. Softmax,
+  rank-r intermediates, the GRU state and ``y``'s accumulation stay in fp32 (fp64 for fp64
+  input). Autocast is switched off inside the Function and the casts are explicit, so forward
+  and backward compute the same thing whatever autocast state backward runs under. Outputs
+  match the reference: ``y`` in x's dtype, ``router_probs`` fp32 (or wider).
+* **Frozen base.** The base projections get no gradient by design; a base weight that
+  requires grad while grad mode is on is rejected with an error rather than silently ignored.
+* **Dropout** uses :func:`graphmoe_fused.dropout.lora_dropout_masks` with the options' seed and
+  the round index, in forward and again in backward, so no ``[M, k, D']`` mask is saved and the
+  masks equal the reference's.
+
+Double backward is not supported (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .dropout import apply_dropout, lora_dropout_masks
+from .params import GraphMoEParams, RoundOptions, RoutedOutput
+from .routing import router_probabilities, select_experts
+from .torch_expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
+from .torch_gru import gru_step, gru_step_backward, prepare_gru
+
+
+class _Static(NamedTuple):
+    """Non-tensor inputs of the Function."""
+
+    opt: RoundOptions
+    compute_dtype: torch.dtype
+    plan: str
+
+
+def _rank_major(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A LoRA ``B`` factor ``[n, w, r]`` as ``[n, r, w]`` (see torch_expert), contiguous."""
+    out = torch.empty(b.shape[0], b.shape[2], b.shape[1], dtype=dtype, device=b.device)
+    return out.copy_(b.transpose(1, 2))
+
+
+class _Weights:
+    """The layer's weights in the compute dtype and the layouts the products want, built once
+    per forward (and once per backward) rather than once per round."""
+
+    def __init__(self, p: GraphMoEParams, cd: torch.dtype, acc: torch.dtype) -> None:
+        self.gate = p.gate_weight.to(cd)
+        self.up = p.up_weight.to(cd)
+        self.down = p.down_weight.to(cd)
+        self.router = p.router_weight.to(cd)
+        self.rank = p.lora_A_gate.shape[1]
+        # Gate and up share their input, so their A factors run as one product.
+        self.a_gate_up = torch.cat([p.lora_A_gate, p.lora_A_up], 1).to(cd)  # [n, 2r, d]
+        self.bt_gate = _rank_major(p.lora_B_gate, cd)  # [n, r, D']
+        self.bt_up = _rank_major(p.lora_B_up, cd)  # [n, r, D']
+        self.a_down = p.lora_A_down.to(cd).contiguous()  # [n, r, D']
+        self.bt_down = _rank_major(p.lora_B_down, cd)  # [n, r, d]
+        self.gru = prepare_gru(p.gru_weight_z, p.gru_weight_r, p.gru_weight_o, p.gru_bias_o,
+                               p.gru_weight_g, cd, acc)
+
+
+def _renormalised_weights(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The top-k weights of :func:`select_experts`, rebuilt from the saved probabilities."""
+    chosen = torch.gather(probs, -1, experts)
+    return chosen / chosen.sum(-1, keepdim=True)
+
+
+class _Masks(NamedTuple):
+    x: torch.Tensor  # [M, d] bool
+    h: torch.Tensor  # pair layout [..., D'] bool
+
+
+def _dropout_masks(
+    opt: RoundOptions, t: int, x: torch.Tensor, intermediate: int, plan: ExpertPlan
+) -> _Masks | None:
+    if opt.dropout_p <= 0:
+        return None
+    keep_x, keep_h = lora_dropout_masks(
+        opt.dropout_seed, t, x.shape[0], x.shape[1], opt.top_k, intermediate, opt.dropout_p,
+        x.device,
+    )
+    return _Masks(keep_x, plan.to_pairs(keep_h))
+
+
+def _lora_input(x_t: torch.Tensor, xc: torch.Tensor, masks: _Masks | None, p: float,
+                cd: torch.dtype) -> torch.Tensor:
+    """The gate/up LoRA input (dropout, as the reference, applied in x's own dtype)."""
+    return xc if masks is None else apply_dropout(x_t, masks.x, p).to(cd)
+
+
+def _base_gate_up(xc: torch.Tensor, w: _Weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = W_G x`` and ``U = W_U x``: once per token, shared by all its chosen experts."""
+    return xc @ w.gate.t(), xc @ w.up.t()
+
+
+def _gate_up(
+    base: tuple[torch.Tensor, torch.Tensor], a_gate_up: torch.Tensor, plan: ExpertPlan,
+    w: _Weights, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair ``gate = G + c·B_G[e] a_g`` and ``up = U + c·B_U[e] a_u`` (fresh buffers)."""
+    r = w.rank
+    scaled = (a_gate_up * scaling).to(base[0].dtype)
+    gate = plan.expand_pairs(scaled[..., :r].contiguous(), w.bt_gate, base[0])
+    up = plan.expand_pairs(scaled[..., r:].contiguous(), w.bt_up, base[1])
+    return gate, up
+
+
+class _RoundOut(NamedTuple):
+    y: torch.Tensor  # [M, d], x's dtype
+    probs: torch.Tensor  # [M, n], accumulation dtype
+    experts: torch.Tensor  # [M, k]
+    a_gate_up: torch.Tensor  # pair layout [..., 2r], accumulation dtype
+    a_down: torch.Tensor  # pair layout [..., r], accumulation dtype
+    base: tuple[torch.Tensor, torch.Tensor] | None  # (G, U) [M, D'], kept without recomputation
+
+
+def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int) -> _RoundOut:
+    opt, cd = st.opt, st.compute_dtype
+    acc = torch.promote_types(cd, torch.float32)
+    c = opt.lora_scaling
+    xc = x_t.to(cd)
+    probs = router_probabilities(xc @ w.router.t())
+    weights, experts = select_experts(probs, opt.top_k)
+    plan = make_plan(st.plan, experts, w.router.shape[0])
+    masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
+
+    x_lora = _lora_input(x_t, xc, masks, opt.dropout_p, cd)
+    a_gate_up = plan.project_tokens(x_lora, w.a_gate_up).to(acc)
+    base = _base_gate_up(xc, w)
+    gate, up = _gate_up(base, a_gate_up, plan, w, c)
+    h = F.silu(gate, inplace=True).mul_(up)
+    del gate, up
+    h_lora = h if masks is None else apply_dropout(h, masks.h, opt.dropout_p)
+    a_down = plan.project_pairs(h_lora, w.a_down).to(acc)
+
+    pair_weights = plan.to_pairs(weights)
+    # The shared down projection runs once, on the mixed activation (the W_D identity above).
+    y = plan.sum_to_tokens(h, pair_weights.to(cd)) @ w.down.t()
+    lora_down_in = (c * pair_weights.unsqueeze(-1) * a_down).to(cd)
+    y = y.to(acc).add_(plan.expand_tokens(lora_down_in, w.bt_down))
+    return _RoundOut(y.to(x_t.dtype), probs, experts, a_gate_up, a_down,
+                     None if opt.recompute_intermediates else base)
+
+
+class _Grads:
+    """Parameter-gradient accumulators over rounds, in the accumulation dtype."""
+
+    def __init__(self, p: GraphMoEParams, w: _Weights, acc: torch.dtype) -> None:
+        def zeros(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(t.shape, dtype=acc, device=t.device)
+
+        self.router = zeros(p.router_weight)
+        self.a_gate_up = zeros(w.a_gate_up)
+        self.bt_gate = zeros(w.bt_gate)
+        self.bt_up = zeros(w.bt_up)
+        self.a_down = zeros(w.a_down)
+        self.bt_down = zeros(w.bt_down)
+        self.gru_zr = zeros(w.gru.zr)
+        self.gru_o = zeros(w.gru.o)
+        self.gru_bias_o = zeros(w.gru.bias_o)
+        self.gru_g = zeros(w.gru.g)
+
+
+def _round_backward(
+    x_t: torch.Tensor, grad_y: torch.Tensor, grad_probs: torch.Tensor | None,
+    probs: torch.Tensor, experts: torch.Tensor, a_gate_up: torch.Tensor, a_down: torch.Tensor,
+    base: tuple[torch.Tensor, torch.Tensor] | None, w: _Weights, router_acc: torch.Tensor,
+    st: _Static, t: int, grads: _Grads, need_grad_x: bool,
+) -> torch.Tensor | None:
+    """Backward of one MoE round given ``∂L/∂y_t`` (and ``∂L/∂probs_t``); accumulates the
+    parameter gradients into ``grads`` and returns ``∂L/∂x_t`` from this round's MoE part.
+    ``base`` is the saved ``(G, U)``, or ``None`` to recompute it."""
+    opt, cd = st.opt, st.compute_dtype
+    acc = probs.dtype
+    c, r, p = opt.lora_scaling, w.rank, opt.dropout_p
+    weights = _renormalised_weights(probs, experts)
+    plan = make_plan(st.plan, experts, w.router.shape[0])
+    masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
+    xc = x_t.to(cd)
+    # Only the rank-r deltas are recomputed when (G, U) was saved; gate and up are fresh
+    # buffers either way, so everything below may work in place on them.
+    gate, up = _gate_up(base or _base_gate_up(xc, w), a_gate_up, plan, w, c)
+    del base
+    pair_weights = plan.to_pairs(weights)
+    grad_yc = grad_y.to(cd)
+
+    silu = F.silu(gate)
+    h = silu * up
+    h_lora = h if masks is None else apply_dropout(h, masks.h, p)
+
+    # y = W_D Σ_j w_j h_j + c Σ_j w_j B_D[e_j] a_down_j
+    grad_mix = plan.broadcast_tokens(grad_yc @ w.down)
+    grad_pair_w = torch.linalg.vecdot(h, grad_mix).to(acc)
+    del h
+    grad_b_in = plan.project_tokens(grad_yc, w.bt_down).to(acc)  # B_D[e]ᵀ ∂y
+    grad_pair_w += c * (a_down * grad_b_in).sum(-1)
+    cw = (c * pair_weights).unsqueeze(-1)
+    grads.bt_down += plan.outer_tokens((cw * a_down).to(cd), grad_yc)
+    grad_a_down_c = (cw * grad_b_in).to(cd)
+    grads.a_down += plan.outer_pairs(grad_a_down_c, h_lora)
+    del h_lora
+    grad_h = plan.expand_pairs(grad_a_down_c, w.a_down)  # A_D[e]ᵀ ∂a_down
+    if masks is not None:
+        grad_h = apply_dropout(grad_h, masks.h, p)
+    grad_h.addcmul_(grad_mix, pair_weights.unsqueeze(-1).to(cd))
+    del grad_mix
+
+    # h = silu(gate)·up, with aten's fused silu backward; in place on the fresh buffers.
+    grad_up = silu.mul_(grad_h)
+    grad_gate = torch.ops.aten.silu_backward.grad_input(up.mul_(grad_h), gate, grad_input=gate)
+    del grad_h, up
+
+    # gate = G + c B_G[e] a_g, up likewise.
+    a_g, a_u = a_gate_up[..., :r], a_gate_up[..., r:]
+    grads.bt_gate += plan.outer_pairs((c * a_g).to(cd).contiguous(), grad_gate)
+    grads.bt_up += plan.outer_pairs((c * a_u).to(cd).contiguous(), grad_up)
+    grad_a_gate_up = torch.cat(
+        [plan.project_pairs(grad_gate, w.bt_gate), plan.project_pairs(grad_up, w.bt_up)], -1
+    ).to(acc).mul_(c)
+    grad_a_gate_up_c = grad_a_gate_up.to(cd)
+    x_lora = _lora_input(x_t, xc, masks, p, cd)
+    grads.a_gate_up += plan.outer_tokens(grad_a_gate_up_c, x_lora)
+
+    # Routing: w_j = p_{e_j} / Σ_l p_{e_l} (top-k is piecewise constant), then the softmax.
+    grad_w = plan.from_pairs(grad_pair_w)
+    chosen_sum = torch.gather(probs, -1, experts).sum(-1, keepdim=True)
+    grad_chosen = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / chosen_sum
+    grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(acc).clone()
+    grad_p.scatter_add_(-1, experts, grad_chosen)
+    grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
+    grads.router += grad_logits.t() @ xc.to(acc)
+    if not need_grad_x:
+        return None
+
+    grad_x = plan.sum_to_tokens(grad_gate, None) @ w.gate
+    grad_x.addmm_(plan.sum_to_tokens(grad_up, None), w.up)
+    grad_x_lora = plan.expand_tokens(grad_a_gate_up_c, w.a_gate_up)
+    if masks is not None:
+        grad_x_lora = apply_dropout(grad_x_lora, masks.x, p)
+    grad_x = grad_x.to(acc).add_(grad_x_lora)
+    return grad_x.addmm_(grad_logits, router_acc)
+
+
+class _GraphMoEFunction(torch.autograd.Function):
+    """``(x, static, *params) -> (y, router_probs, expert_index)`` with a recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, st: _Static, *params: torch.Tensor):
+        p = GraphMoEParams(*params)
+        opt, cd = st.opt, st.compute_dtype
+        acc = torch.promote_types(cd, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            w = _Weights(p, cd, acc)
+            h = torch.zeros(x.shape[0], p.gru_weight_g.shape[1], dtype=acc, device=x.device)
+            x_t = x
+            rounds: list[_RoundOut] = []
+            states, outputs = [], []
+            for t in range(opt.num_rounds):
+                rnd = _round_forward(x_t, w, st, t)
+                rounds.append(rnd)
+                if t == opt.num_rounds - 1:
+                    break
+                h = gru_step(h, rnd.y, x_t, w.gru, opt.gru_candidate_input,
+                             opt.gru_candidate_activation)
+                states.append(h)
+                outputs.append(rnd.y)
+                x_t = x_t + (h.to(cd) @ w.gru.g.t()).to(x.dtype)
+
+        probs = torch.stack([rnd.probs for rnd in rounds])
+        index = torch.stack([rnd.experts for rnd in rounds])
+        ctx.mark_non_differentiable(index)
+        ctx.st = st
+        wide = []
+        if not opt.recompute_intermediates:
+            wide = [torch.stack([rnd.base[0] for rnd in rounds]),
+                    torch.stack([rnd.base[1] for rnd in rounds])]
+        ctx.save_for_backward(
+            x, *params, probs, index,
+            torch.stack([rnd.a_gate_up for rnd in rounds]),
+            torch.stack([rnd.a_down for rnd in rounds]),
+            *states, *outputs, *wide,
+        )
+        return rounds[-1].y, probs, index
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _):
+        st: _Static = ctx.st
+        opt, cd = st.opt, st.compute_dtype
+        acc = torch.promote_types(cd, torch.float32)
+        num_rounds = opt.num_rounds
+        saved = ctx.saved_tensors
+        x, p = saved[0], GraphMoEParams(*saved[1:16])
+        probs, index, a_gate_up, a_down = saved[16:20]
+        states = saved[20:20 + num_rounds - 1]
+        outputs = saved[19 + num_rounds:18 + 2 * num_rounds]
+        base_all = saved[18 + 2 * num_rounds:] or None
+        # Gradients may arrive expanded (stride 0) or as other views.
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        grad_y = grad_y.contiguous()
+        if grad_probs is not None:
+            grad_probs = grad_probs.contiguous()
+
+        with torch.autocast(x.device.type, enabled=False):
+            w = _Weights(p, cd, acc)
+            gru_acc = prepare_gru(p.gru_weight_z, p.gru_weight_r, p.gru_weight_o,
+                                  p.gru_bias_o, p.gru_weight_g, acc, acc)
+            router_acc = p.router_weight.to(acc)
+            grads = _Grads(p, w, acc)
+            # Round inputs, rebuilt exactly as forward built them.
+            xs = [x]
+            for state in states:
+                xs.append(xs[-1] + (state.to(cd) @ w.gru.g.t()).to(x.dtype))
+
+            grad_x: torch.Tensor | None = None  # ∂L/∂x_{t+1} while processing round t
+            grad_h: torch.Tensor | None = None  # ∂L/∂h_{t+1} from the GRU step t+1
+            grad_y_t: torch.Tensor = grad_y
+            for t in reversed(range(num_rounds)):
+                grad_x_t = None
+                if t < num_rounds - 1:
+                    # x_{t+1} = x_t + W_g h_{t+1};  h_{t+1} = GRU(h_t, y_t, x_t)
+                    grads.gru_g += grad_x.t() @ states[t]
+                    grad_state = grad_x @ gru_acc.g
+                    if grad_h is not None:
+                        grad_state += grad_h
+                    h_prev = states[t - 1] if t > 0 else torch.zeros_like(states[t])
+                    g = gru_step_backward(grad_state, h_prev, outputs[t], xs[t], w.gru, gru_acc,
+                                          opt.gru_candidate_input, opt.gru_candidate_activation)
+                    grads.gru_zr += g.zr
+                    grads.gru_o += g.o
+                    grads.gru_bias_o += g.bias_o
+                    grad_h = g.h
+                    grad_y_t = g.y
+                    grad_x_t = grad_x if g.x is None else grad_x + g.x
+                need_grad_x = t > 0 or ctx.needs_input_grad[0]
+                grad_moe = _round_backward(
+                    xs[t], grad_y_t, None if grad_probs is None else grad_probs[t],
+                    probs[t], index[t], a_gate_up[t], a_down[t],
+                    None if base_all is None else (base_all[0][t], base_all[1][t]),
+                    w, router_acc, st, t, grads, need_grad_x,
+                )
+                if grad_moe is not None:
+                    grad_x_t = grad_moe if grad_x_t is None else grad_x_t.add_(grad_moe)
+                grad_x = grad_x_t
+
+        r = w.rank
+        dh = p.gru_weight_g.shape[1]
+
+        def cast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return g.to(like.dtype).contiguous()
+
+        # With one round the GRU never runs: no gradient, as the reference (unused parameters).
+        gru = num_rounds > 1
+        grads_out = (
+            cast(grad_x, x) if ctx.needs_input_grad[0] else None,
+            None, None, None, None,  # static, frozen base gate / up / down
+            cast(grads.router, p.router_weight),
+            cast(grads.a_gate_up[:, :r], p.lora_A_gate),
+            cast(grads.bt_gate.transpose(1, 2), p.lora_B_gate),
+            cast(grads.a_gate_up[:, r:], p.lora_A_up),
+            cast(grads.bt_up.transpose(1, 2), p.lora_B_up),
+            cast(grads.a_down, p.lora_A_down),
+            cast(grads.bt_down.transpose(1, 2), p.lora_B_down),
+            cast(grads.gru_zr[:dh], p.gru_weight_z) if gru else None,
+            cast(grads.gru_zr[dh:], p.gru_weight_r) if gru else None,
+            cast(grads.gru_o, p.gru_weight_o) if gru else None,
+            cast(grads.gru_bias_o, p.gru_bias_o) if gru else None,
+            cast(grads.gru_g, p.gru_weight_g) if gru else None,
+        )
+        return tuple(g if need else None
+                     for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype: autocast's for x's device when enabled (autocast leaves fp64 alone),
+    else x's own."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def graphmoe_torch(
+    x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions, *, expert_plan: str | None = None
+) -> RoutedOutput:
+    """The backend contract of :mod:`graphmoe_fused.params`, in plain PyTorch.
+
+    Args:
+        x: ``[M, d]`` round-1 input.
+        p: the layer's weights; the base projections must not require grad.
+        opt: rounds, top-k, scaling, GRU options, dropout and recomputation.
+        expert_plan: ``"masked"`` or ``"grouped"`` to force how the per-expert LoRA products
+            are batched (see :mod:`graphmoe_fused.torch_expert`); ``None`` chooses by shape.
+    Returns:
+        ``y_T`` in x's dtype, the ``[T, M, n]`` router probabilities (fp32 or wider, and
+        differentiable) and the ``[T, M, k]`` chosen experts.
+    """
+    if torch.is_grad_enabled():
+        frozen = ("gate_weight", "up_weight", "down_weight")
+        trainable = [name for name in frozen if getattr(p, name).requires_grad]
+        if trainable:
+            raise RuntimeError(
+                f"the torch backend treats the base MLP weights as frozen (DESIGN §2) and "
+                f"computes no gradient for them, but {trainable} require grad; call "
+                f".requires_grad_(False) on them or use backend='reference'"
+            )
+    cd = compute_dtype(x)
+    n, r, d = p.lora_A_gate.shape
+    widths = (r, 2 * r, d, p.gate_weight.shape[0])
+    if expert_plan is None:
+        expert_plan = choose_expert_plan(x.device, cd, n, r, widths)
+    elif expert_plan not in PLANS:
+        raise ValueError(f"expert_plan={expert_plan!r} must be one of {sorted(PLANS)} or None")
+    elif expert_plan == "grouped" and not grouped_supported(x.device, cd, widths):
+        raise ValueError(
+            f"expert_plan='grouped' needs torch._grouped_mm for {x.device.type}/{cd} with "
+            f"16-byte-aligned widths {widths}; use 'masked'"
+        )
+    y, probs, index = _GraphMoEFunction.apply(x, _Static(opt, cd, expert_plan), *p)
+    return RoutedOutput(y, probs, index)

@@ -1,0 +1,115 @@
+"""The low-rank GRU step of the torch backend, forward and hand-written backward.
+
+Same maths as :func:`graphmoe_fused.gru.lowrank_gru_reference` (reset-before, ``[h, y]`` order).
+The products run in the compute dtype like every other GEMM of the layer; the gates, the state
+``h`` and the whole backward run in the accumulation dtype (fp32, or fp64 for fp64 inputs): the
+GRU is ``dh ≈ 0.1·d`` wide, so precision costs nothing here. Backward recomputes the gates from
+``(h, y, x)`` instead of keeping them: three ``[M, dh]`` tensors per round saved for two small
+products.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class GRUWeights(NamedTuple):
+    """GRU weights prepared once per call: ``W_z`` and ``W_r`` stacked into one product."""
+
+    zr: torch.Tensor  # [2·dh, dh + d]
+    o: torch.Tensor  # [dh, dh + d]
+    bias_o: torch.Tensor  # [dh], accumulation dtype
+    g: torch.Tensor  # [d, dh]
+
+
+def prepare_gru(
+    weight_z: torch.Tensor, weight_r: torch.Tensor, weight_o: torch.Tensor,
+    bias_o: torch.Tensor, weight_g: torch.Tensor, dtype: torch.dtype, acc_dtype: torch.dtype,
+) -> GRUWeights:
+    return GRUWeights(
+        torch.cat([weight_z, weight_r], 0).to(dtype),
+        weight_o.to(dtype),
+        bias_o.to(acc_dtype),
+        weight_g.to(dtype),
+    )
+
+
+class _Gates(NamedTuple):
+    z: torch.Tensor
+    r: torch.Tensor
+    cand: torch.Tensor
+    hy: torch.Tensor  # [h, y] in the compute dtype
+    q: torch.Tensor  # [r ⊙ h, u] in the compute dtype
+
+
+def _gates(
+    h: torch.Tensor, y: torch.Tensor, x: torch.Tensor, w: GRUWeights,
+    candidate_input: str, candidate_activation: str,
+) -> _Gates:
+    cd, acc = w.zr.dtype, h.dtype
+    dh = h.shape[-1]
+    hy = torch.cat([h.to(cd), y.to(cd)], -1)
+    zr = torch.sigmoid((hy @ w.zr.t()).to(acc))
+    z, r = zr[:, :dh], zr[:, dh:]
+    u = y if candidate_input == "y" else x
+    q = torch.cat([(r * h).to(cd), u.to(cd)], -1)
+    pre = torch.addmm(w.bias_o, q, w.o.t()) if cd == acc else (q @ w.o.t()).to(acc) + w.bias_o
+    cand = torch.sigmoid(pre) if candidate_activation == "sigmoid" else torch.tanh(pre)
+    return _Gates(z, r, cand, hy, q)
+
+
+def gru_step(
+    h: torch.Tensor, y: torch.Tensor, x: torch.Tensor, w: GRUWeights,
+    candidate_input: str, candidate_activation: str,
+) -> torch.Tensor:
+    """``h' = (1 − z) ⊙ h + z ⊙ ĥ``; ``h`` (and ``h'``) in the accumulation dtype."""
+    g = _gates(h, y, x, w, candidate_input, candidate_activation)
+    return torch.lerp(h, g.cand, g.z)
+
+
+class GRUGrads(NamedTuple):
+    h: torch.Tensor  # ∂/∂h_{t-1}
+    y: torch.Tensor  # ∂/∂y_t
+    x: torch.Tensor | None  # ∂/∂x_t (candidate input "x" only)
+    zr: torch.Tensor  # ∂/∂[W_z; W_r]
+    o: torch.Tensor
+    bias_o: torch.Tensor
+
+
+def gru_step_backward(
+    grad_h_new: torch.Tensor, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+    w: GRUWeights, w_acc: GRUWeights, candidate_input: str, candidate_activation: str,
+) -> GRUGrads:
+    """Backward of :func:`gru_step`; ``w`` as in forward (to recompute the same gates),
+    ``w_acc`` the same weights in the accumulation dtype (for the gradient products)."""
+    acc = h.dtype
+    dh = h.shape[-1]
+    g = _gates(h, y, x, w, candidate_input, candidate_activation)
+    grad_z = grad_h_new * (g.cand - h)
+    grad_cand = grad_h_new * g.z
+    grad_h = grad_h_new * (1 - g.z)
+    if candidate_activation == "sigmoid":
+        grad_pre = grad_cand * g.cand * (1 - g.cand)
+    else:
+        grad_pre = grad_cand * (1 - g.cand * g.cand)
+    q = g.q.to(acc)
+    grad_o = grad_pre.t() @ q
+    grad_bias_o = grad_pre.sum(0)
+    grad_q = grad_pre @ w_acc.o
+    grad_rh, grad_u = grad_q[:, :dh], grad_q[:, dh:]
+    grad_h = grad_h + grad_rh * g.r
+    grad_zr_pre = torch.cat(
+        [grad_z * g.z * (1 - g.z), grad_rh * h * g.r * (1 - g.r)], -1
+    )
+    grad_zr = grad_zr_pre.t() @ g.hy.to(acc)
+    grad_hy = grad_zr_pre @ w_acc.zr
+    grad_h = grad_h + grad_hy[:, :dh]
+    grad_y = grad_hy[:, dh:]
+    grad_x = None
+    if candidate_input == "y":
+        grad_y = grad_y + grad_u
+    else:
+        grad_x = grad_u
+    return GRUGrads(grad_h, grad_y, grad_x, grad_zr, grad_o, grad_bias_o)

@@ -1,0 +1,230 @@
+"""The `triton` backend: the GraphMoE layer on the hand-written Triton kernels.
+
+Per round ``t`` (DESIGN §1), four launches plus the small rank-``r`` one:
+
+1. ``fused_router_topk``: softmax router probabilities, top-k, renormalised weights;
+2. ``expert_gate_up``: ``c · x_lora A^T`` for all experts, then one pass over ``x`` computing the
+   base gate and up products, every chosen slot's LoRA delta, SwiGLU, the routing-weighted mix
+   ``h_mix`` and the down LoRA's rank-``r`` input ``a_mix``;
+3. ``expert_down``: ``y = W_D h_mix + c · a_mix B_D^T`` (3 base GEMMs per token per round in all);
+4. ``fused_lowrank_gru``: the GRU state and the next round's input (not after the last round).
+
+LoRA dropout uses :func:`graphmoe_fused.dropout.lora_dropout_masks` with the options' seed and the
+round index: the masks are the reference's, and again the same in the recomputing backward.
+
+Training: the kernels are forward-only for now (backward kernels are a later issue). The forward
+runs inside a ``torch.autograd.Function`` that saves only its inputs (``x`` and the parameters,
+which are not copies); its backward recomputes the forward with the differentiable torch backend
+(:func:`graphmoe_fused.torch_backend.graphmoe_torch`) under ``torch.enable_grad`` and returns
+``torch.autograd.grad`` for ``x`` and every parameter that requires grad, from the gradients of
+both differentiable outputs, ``y`` and ``router_probs``. The recompute sees the same dropout masks
+and autocast state as the forward; its routing is recomputed too, so a token whose top-k is a
+near-tie that the two backends' rounding breaks differently gets the gradient of the torch
+backend's choice (rare, and only at a tie).
+
+Devices: CUDA; CPU only under ``TRITON_INTERPRET=1`` (set before importing triton), for tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .dropout import apply_dropout, lora_dropout_masks
+from .params import GraphMoEParams, RoundOptions, RoutedOutput
+
+_FROZEN = ("gate_weight", "up_weight", "down_weight")
+
+
+def _interpreting() -> bool:
+    from .kernels.utils import is_interpreter
+
+    return is_interpreter()
+
+
+def check_runnable(x: torch.Tensor) -> None:
+    """Raises ``RuntimeError`` unless the kernels can run on ``x``'s device."""
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu" and _interpreting():
+        return
+    raise RuntimeError(
+        f"the 'triton' backend needs a CUDA device, but the input is on {x.device}. Use "
+        "backend='torch' (or 'auto') off CUDA; the kernels run on CPU only under the Triton "
+        "interpreter, with TRITON_INTERPRET=1 set before triton is imported (tests)."
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype for x's device when autocast is on, else x's own (as the torch backend)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _kernels_cover(p: GraphMoEParams) -> str | None:
+    """Why the kernels cannot take these weights, or ``None`` when they can."""
+    from .kernels.expert_gate_up import MAX_MASKED_DENSE_COLS, masked_dense_supported
+    from .kernels.routing import MAX_EXPERTS
+
+    n, r = p.lora_A_gate.shape[:2]
+    if n > MAX_EXPERTS:
+        return f"{n} experts is more than the routing kernel's {MAX_EXPERTS}"
+    if not masked_dense_supported(n, r):
+        return f"n·r = {n * r} is past the masked-dense LoRA limit of {MAX_MASKED_DENSE_COLS}"
+    return None
+
+
+def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
+    """The T rounds on the kernels, no autograd. ``x`` and ``p`` share one dtype."""
+    from .kernels.expert_down import expert_down
+    from .kernels.expert_gate_up import expert_gate_up, expert_lora_layout
+    from .kernels.lowrank_gru import fused_lowrank_gru
+    from .kernels.routing import fused_router_topk
+
+    num_tokens, hidden = x.shape
+    inter = p.gate_weight.shape[0]
+    c = opt.lora_scaling
+    # The LoRA factors change every training step but not between rounds: one copy per forward.
+    lora = expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up, p.lora_B_up,
+                              p.lora_A_down, p.lora_B_down)
+    h = None  # the zero state of round 1, which the GRU kernel skips
+    x_t = x
+    all_probs, all_index = [], []
+    for t in range(opt.num_rounds):
+        probs, weights, experts = fused_router_topk(x_t, p.router_weight, opt.top_k)
+        all_probs.append(probs)
+        all_index.append(experts)
+
+        x_lora, keep_h, p_drop = x_t, None, 0.0
+        if opt.dropout_p > 0:
+            keep_x, keep_h = lora_dropout_masks(
+                opt.dropout_seed, t, num_tokens, hidden, opt.top_k, inter, opt.dropout_p,
+                x.device,
+            )
+            x_lora = apply_dropout(x_t, keep_x, opt.dropout_p)
+            p_drop = opt.dropout_p
+        h_mix, a_mix = expert_gate_up(
+            x_t, p.gate_weight, p.up_weight, lora, weights, experts, c,
+            x_lora=x_lora, keep_h=keep_h, dropout_p=p_drop,
+        )
+        y = expert_down(h_mix, p.down_weight, lora, a_mix, c)
+        if t == opt.num_rounds - 1:
+            break
+        h, x_t = fused_lowrank_gru(
+            h, y, x_t, p.gru_weight_z, p.gru_weight_r, p.gru_weight_o, p.gru_bias_o,
+            p.gru_weight_g, opt.gru_candidate_input, opt.gru_candidate_activation,
+        )
+    return RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
+
+
+def _differentiable_backend():
+    """The torch backend; the reference while it does not exist (it is the slow oracle)."""
+    try:
+        from .torch_backend import graphmoe_torch
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.torch_backend":
+            raise
+        from .reference import graphmoe_reference
+
+        return graphmoe_reference
+    return graphmoe_torch
+
+
+class _TritonGraphMoE(torch.autograd.Function):
+    """``(x, opt, *params) -> (y, router_probs, expert_index)``: kernel forward, recomputing
+    torch-backend backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, opt: RoundOptions, *params: torch.Tensor):
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        cd = _compute_dtype(x)
+        # Autocast would not reach inside the kernels: the casts are made here, explicitly. A
+        # parameter in another dtype is copied on every call (keep the layer in the compute
+        # dtype to avoid that).
+        p = GraphMoEParams(*(t if t.dtype == cd else t.to(cd) for t in params))
+        with torch.autocast(device_type, enabled=False):
+            out = _forward(x.to(cd), p, opt)
+        ctx.opt = opt
+        ctx.autocast = (autocast, autocast_dtype)
+        ctx.save_for_backward(x, *params)
+        ctx.mark_non_differentiable(out.expert_index)
+        return out.y.to(x.dtype), out.router_probs, out.expert_index
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _grad_index):
+        x, *params = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
+        backend = _differentiable_backend()
+        autocast, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=autocast_dtype,
+                                                 enabled=autocast):
+            inputs = [t.detach().requires_grad_(need)
+                      for t, need in zip((x, *params), needs, strict=True)]
+            out = backend(inputs[0], GraphMoEParams(*inputs[1:]), ctx.opt)
+        outputs, grad_outputs = [], []
+        # Gradients may arrive expanded (stride 0); the torch backend wants them dense.
+        if grad_y is not None:
+            outputs.append(out.y)
+            grad_outputs.append(grad_y.contiguous())
+        if grad_probs is not None:
+            outputs.append(out.router_probs)
+            grad_outputs.append(grad_probs.contiguous())
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(
+            torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)
+            if outputs and wanted else ()
+        )
+        result = [next(grads) if t.requires_grad else None for t in inputs]
+        return (result[0], None, *result[1:])
+
+
+def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
+    """The backend contract of :mod:`graphmoe_fused.params` on the Triton kernels.
+
+    Forward: the kernels (router/top-k, fused LoRA-expert gate/up, down, low-rank GRU) per round.
+    Backward: recomputes the forward with the differentiable torch backend and returns
+    ``torch.autograd.grad`` of it, for ``x`` and every parameter that requires grad (see the
+    module docstring); ``router_probs`` is a differentiable output.
+
+    Args:
+        x: ``[M, d]`` round-1 input, fp16/bf16/fp32, on CUDA (CPU only under
+            ``TRITON_INTERPRET=1``).
+        p: the layer's weights; the base projections must not require grad (they are frozen).
+        opt: rounds, top-k, scaling, GRU options and dropout.
+    Returns:
+        ``y_T`` in x's dtype, the ``[T, M, n]`` fp32 router probabilities and the ``[T, M, k]``
+        int64 chosen experts.
+    Raises:
+        RuntimeError: off CUDA without the interpreter, or when a base weight requires grad.
+        TypeError: for an input dtype the kernels do not take (fp64: use ``backend="torch"``).
+
+    Configurations the kernels do not cover (more than 64 experts, or ``n·r`` past the
+    masked-dense limit of 256) run on the torch backend instead, with a warning.
+    """
+    check_runnable(x)
+    if torch.is_grad_enabled():
+        trainable = [name for name in _FROZEN if getattr(p, name).requires_grad]
+        if trainable:
+            raise RuntimeError(
+                f"the triton backend treats the base MLP weights as frozen (DESIGN §2) and "
+                f"computes no gradient for them, but {trainable} require grad; call "
+                ".requires_grad_(False) on them or use backend='reference'"
+            )
+    cd = _compute_dtype(x)
+    if cd not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"the triton backend computes in fp16, bf16 or fp32, not {cd}; use "
+            "backend='torch' or 'reference' for this dtype"
+        )
+    reason = _kernels_cover(p)
+    if reason is not None:
+        warnings.warn(f"triton backend: {reason}; running the torch backend instead",
+                      stacklevel=2)
+        return _differentiable_backend()(x, p, opt)
+    y, probs, index = _TritonGraphMoE.apply(x, opt, *p)
+    return RoutedOutput(y, probs, index)

@@ -1,0 +1,202 @@
+"""Down side of the LoRA-expert SwiGLU: one GEMM for the base product of all ``k`` experts.
+
+Because ``W_D`` is shared and linear, ``Σ_j w_j W_D h_j = W_D h_mix``, and the experts' own parts
+are rank ``r``::
+
+    y = h_mix · W_D^T + c · a_mix · B_D_cat^T
+
+with ``h_mix [M, D']`` and ``a_mix [M, n·r]`` from :func:`expert_gate_up`. ``a_mix`` already is the
+masked-dense operand (each token's routing-weighted ``A_D[e_j] h_j`` in block ``e_j``, zeros for the
+experts it did not choose), so the LoRA term is ``n·r`` more K-steps of the same GEMM: the loop runs
+over ``[h_mix | c·a_mix]`` against ``[W_D | B_D_cat^T]``, one fp32 accumulator, on tensor cores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compile import KernelSpec
+from .expert_gate_up import (
+    INTERPRET,
+    INTERPRET_CONFIG,
+    ExpertLoRA,
+    arch_pruner,
+    check_activation,
+    check_layout,
+    check_like,
+    tile_ids,
+)
+from .utils import cast_rne, interpreter_bf16, mma, new_output, token_bucket, unit_stride_rows
+
+# A plain GEMM with a short epilogue: the usual large tiles. Hopper wants BLOCK_M a multiple of 64
+# (wgmma) and has the shared memory for 128×256 at 3 stages; A100 (164 KB) uses BLOCK_K = 32 for
+# the deeper pipelines.
+_DOWN_SM80 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+]
+_DOWN_SM90 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4,
+                  num_stages=3),
+]
+DOWN_CONFIGS = [INTERPRET_CONFIG] if INTERPRET else _DOWN_SM80 + _DOWN_SM90
+
+
+@triton.jit
+def _expert_down_kernel(
+    h_ptr, wd_ptr, a_mix_ptr, bd_ptr, y_ptr,
+    M, N, K,
+    stride_hm, stride_wd, stride_ym,
+    scaling,
+    M_BUCKET,
+    NR: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    DTYPE: tl.constexpr = h_ptr.dtype.element_ty
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)  # token · D' passes 2^31 at LLaMA sizes
+    cols = offs_n.to(tl.int64)
+
+    # ---- base: h_mix · W_D^T over D' -----------------------------------------------------------
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :]
+    w_ptrs = wd_ptr + cols[None, :] * stride_wd + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        ht = tl.load(h_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(ht, wt, acc, INTERP_BF16)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # ---- LoRA: n·r more K-steps, c · a_mix against B_D^T [n·r, d] -----------------------------
+    for c0 in tl.static_range(0, NR, BLOCK_K):
+        lc = c0 + offs_k
+        l_ok = lc < NR
+        z = tl.load(a_mix_ptr + rows[:, None] * NR + lc[None, :],
+                    mask=mask_m[:, None] & l_ok[None, :], other=0.0)
+        b = tl.load(bd_ptr + lc.to(tl.int64)[:, None] * N + cols[None, :],
+                    mask=l_ok[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(cast_rne(z * scaling, DTYPE, INTERP_BF16), b, acc, INTERP_BF16)
+
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERP_BF16),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+_expert_down_tuned = triton.autotune(
+    configs=DOWN_CONFIGS,
+    key=["M_BUCKET", "N", "K", "NR"],
+    prune_configs_by={"early_config_prune": arch_pruner(_DOWN_SM80, _DOWN_SM90)},
+)(_expert_down_kernel)
+
+
+def _launch_down(h_mix, down_weight, a_mix, b_down, y, scaling) -> None:
+    num_tokens, inter = h_mix.shape
+    hidden = down_weight.shape[0]
+
+    def grid(meta):
+        return (triton.cdiv(num_tokens, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
+
+    _expert_down_tuned[grid](
+        h_mix, down_weight, a_mix, b_down, y,
+        num_tokens, hidden, inter,
+        h_mix.stride(0), down_weight.stride(0), y.stride(0),
+        float(scaling),
+        token_bucket(num_tokens),
+        NR=a_mix.shape[1], INTERP_BF16=interpreter_bf16(h_mix.dtype),
+    )
+
+
+def expert_down(
+    h_mix: torch.Tensor,
+    down_weight: torch.Tensor,
+    lora: ExpertLoRA,
+    a_mix: torch.Tensor,
+    scaling: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The experts' weighted output ``y = W_D h_mix + c · Σ_e B_D[e] a_mix[:, e·r : e·r + r]``.
+
+    With ``h_mix`` and ``a_mix`` from :func:`expert_gate_up` that is
+    ``Σ_j w_j (W_D h_j + c · B_D[e_j] A_D[e_j] dropout(h_j))``, the experts' mixed output.
+
+    Args:
+        h_mix: ``[M, D']`` mixed activation, fp16/bf16/fp32 (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
+        down_weight: ``[d, D']`` frozen base projection, ``h_mix``'s dtype.
+        lora: the experts' LoRA factors from :func:`expert_lora_layout` (``b_down`` is read).
+        a_mix: ``[M, n·r]`` fp32, the routing-weighted down-LoRA inputs in their experts' blocks.
+        scaling: ``c = lora_alpha / r``.
+        out: optional ``[M, d]`` buffer of ``h_mix``'s dtype with unit column stride.
+    Returns:
+        ``y [M, d]`` in ``h_mix``'s dtype, accumulated in fp32.
+    Raises:
+        TypeError / ValueError: on a dtype, shape or device mismatch, and ``ValueError`` when
+        ``n·r`` is past the masked-dense limit ``MAX_MASKED_DENSE_COLS``.
+    """
+    check_activation("h_mix", h_mix)
+    num_tokens, inter = h_mix.shape
+    dt = h_mix.dtype
+    if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2:
+        raise ValueError("down_weight must be a 2-D [d, D'] tensor")
+    hidden = down_weight.shape[0]
+    check_like("down_weight", down_weight, (hidden, inter), h_mix, dt)
+    check_layout(lora, h_mix, hidden, inter)
+    nr = lora.num_experts * lora.rank
+    check_like("a_mix", a_mix, (num_tokens, nr), h_mix, torch.float32)
+    if out is None:
+        out = new_output((num_tokens, hidden), dt, h_mix.device)
+    else:
+        check_like("out", out, (num_tokens, hidden), h_mix, dt)
+        if hidden > 1 and out.stride(1) != 1:
+            raise ValueError("out must have unit column stride")
+    if num_tokens == 0:
+        return out
+    _launch_down(unit_stride_rows(h_mix), unit_stride_rows(down_weight), a_mix.contiguous(),
+                 lora.b_down, out, scaling)
+    return out
+
+
+# What the compile report builds: the llama3-8b shape of DESIGN §4 (d=4096, D'=14336, n=8, k=2,
+# r=16, 8192 tokens, bf16).
+COMPILE_SPECS = [
+    KernelSpec(
+        name="expert_down.down",
+        fn=_expert_down_kernel,
+        types={"h_ptr": "*bf16", "wd_ptr": "*bf16", "a_mix_ptr": "*fp32", "bd_ptr": "*bf16",
+               "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32",
+               "stride_wd": "i32", "stride_ym": "i32", "scaling": "fp32", "M_BUCKET": "i32"},
+        constexprs={"NR": 8 * 16, "INTERP_BF16": False},
+        configs=_DOWN_SM80 + _DOWN_SM90,
+        aligned=("h_ptr", "wd_ptr", "a_mix_ptr", "bd_ptr", "y_ptr", "M", "N", "K", "stride_hm",
+                 "stride_wd", "stride_ym", "M_BUCKET"),
+        note="h_mix · W_D^T with the masked-dense LoRA as 128 more K-steps",
+    ),
+]

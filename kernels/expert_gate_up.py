@@ -1,0 +1,725 @@
+"""Gate/up side of the LoRA-expert SwiGLU: one pass over ``x`` for all ``k`` chosen experts.
+
+For token ``m`` with chosen experts ``e_j`` and renormalised weights ``w_j`` (``j < k``)::
+
+    gate_j = W_G x + c · B_G[e_j] (A_G[e_j] x_lora)       up_j likewise
+    h_j    = silu(gate_j) · up_j
+    h_mix  = Σ_j w_j h_j                                   (written: [M, D'], x's dtype)
+    a_mix[m, e_j·r : e_j·r + r] += w_j · A_D[e_j] · dropout(h_j)   (written: [M, n·r], fp32)
+
+``W_D`` is linear, so the down side needs only ``h_mix`` for the base product and the rank-``r``
+``a_mix`` for the LoRA: the ``k`` separate ``D'``-wide ``h_j`` never reach memory. ``a_mix`` is laid
+out as the down kernel's masked-dense operand (each token's row holds its experts' routing-weighted
+down-LoRA inputs in their experts' blocks, zeros elsewhere), so there the LoRA is just extra
+K-steps of the base GEMM.
+
+Two launches:
+
+1. ``_lora_in_kernel``: ``a_gu = c · x_lora · [A_G; A_U]^T`` for *all* ``n`` experts
+   (``[M, 2·n·r]``, fp32 accumulation, stored in x's dtype: the rounding it would get anyway as a
+   tensor-core operand). That is ``n/k`` times the FLOPs of gathering only the chosen experts, but
+   it is a plain dense GEMM (no gather, no sort), and at LLaMA-3-8B shapes it is < 1 % of the base
+   gate/up work; folding it into the main kernel instead would redo it once per ``D'`` tile
+   (112 times at D' = 14336).
+2. ``_expert_gate_up_kernel``: a ``[BLOCK_M, BLOCK_N]`` tile of ``D'`` per program; the K-loop over
+   ``d`` loads each ``x`` tile once for both base products. The epilogue adds each slot's LoRA delta
+   as a *masked dense* product ``a_masked [BLOCK_M, n·r] @ B_cat^T [n·r, BLOCK_N]``: ``a_masked``
+   is ``a_gu`` loaded with a mask that keeps only block ``e_j`` of each row (``r`` contiguous
+   values; the rest reads as zero). Every token may pick a different expert; this keeps the
+   per-token choice on tensor cores without sorting tokens by expert. The down LoRA's input uses
+   the same trick on the output side: ``dropout(h_j) [BLOCK_M, BLOCK_N] @ A_D_cat^T
+   [BLOCK_N, n·r]``, of which block ``e_j``, times ``w_j``, is added with ``tl.atomic_add`` into
+   the zeroed fp32 ``a_mix``. A program holds only its ``BLOCK_N`` slice of ``D'``, so the
+   ``D'/BLOCK_N`` partial products must meet somewhere: the atomics add ``k·r`` floats per token
+   per tile in L2, where per-tile partials would need ``D'/BLOCK_N`` times the memory plus a
+   reduction pass. The fp32 summation order then varies between runs: ``a_mix`` is deterministic
+   only to fp32 rounding. Both masked-dense products walk the ``n·r`` columns in chunks of
+   ``LORA_CHUNK``, so the epilogue's register footprint does not grow with ``n·r``.
+
+The masked dense products cost ``n·r`` instead of ``r`` MACs per slot and output element: cheap
+while ``n·r`` is small (6 % of the base work at n·r = 128, d = 4096). Past
+``MAX_MASKED_DENSE_COLS`` the public functions raise ``ValueError``; a grouped (token-sorted) path,
+such as the torch backend, wins there.
+
+Layouts: the kernels read every LoRA factor as a row-major ``[n·r, ·]`` matrix whose long dimension
+is contiguous (``B`` transposed), so each weight tile is a vectorised 2-D load.
+:func:`expert_lora_layout` builds them (a few MB of copies; the triton backend builds them once per
+forward for all rounds).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compile import KernelSpec
+from .utils import (
+    cast_rne,
+    check_device,
+    check_float,
+    check_shape,
+    interpreter_bf16,
+    is_interpreter,
+    mma,
+    new_output,
+    token_bucket,
+    unit_stride_rows,
+)
+
+# ``triton.jit`` reads TRITON_INTERPRET when a kernel is decorated, so the config lists are
+# decided at import too: the interpreter gets one small config (no benchmarking, and several
+# blocks even at test sizes).
+INTERPRET = is_interpreter()
+
+# The masked-dense products cost n·r MACs per slot and output element where a grouped product
+# would cost r: at n·r = 256 that is ~12 % of the base gate/up work at d = 4096 (DESIGN §2).
+MAX_MASKED_DENSE_COLS = 256
+
+
+def masked_dense_supported(num_experts: int, rank: int) -> bool:
+    """Whether the masked-dense LoRA path takes ``n`` experts of rank ``r``."""
+    return num_experts * rank <= MAX_MASKED_DENSE_COLS
+
+
+def check_masked_dense(num_experts: int, rank: int) -> None:
+    """Raises ``ValueError`` when ``n·r`` is past the masked-dense limit."""
+    if not masked_dense_supported(num_experts, rank):
+        raise ValueError(
+            f"n·r = {num_experts}·{rank} = {num_experts * rank} is over the masked-dense LoRA "
+            f"limit of {MAX_MASKED_DENSE_COLS} columns; use a grouped LoRA path (the torch "
+            "backend) for this many experts or this rank"
+        )
+
+
+def arch_pruner(sm80: list[triton.Config], sm90: list[triton.Config]):
+    """An ``early_config_prune`` keeping the configs written for the current GPU generation
+    (the sm_80 list below sm_90) and, for few tokens, only row tiles that are not mostly
+    padding."""
+
+    def prune(configs, named_args, **kwargs):
+        major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
+        wanted = sm90 if major >= 9 else sm80
+        kept = [c for c in configs if any(c is w for w in wanted)] or list(configs)
+        bucket = named_args["M_BUCKET"]
+        small = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, bucket)]
+        return small or kept
+
+    return prune
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row tiles sweep the columns together, so the weight tiles
+    they share are still in L2 when the next row tile needs them."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA factors in kernel layout.
+# ---------------------------------------------------------------------------------------------
+
+
+class ExpertLoRA(NamedTuple):
+    """All experts' LoRA factors as the kernels read them (see :func:`expert_lora_layout`):
+    every factor a contiguous ``[n, r, ·]`` tensor, i.e. a row-major ``[n·r, ·]`` matrix whose
+    row ``e·r + i`` is rank ``i`` of expert ``e``."""
+
+    a_in: torch.Tensor  # [2, n, r, d]: A_G then A_U
+    b_gate: torch.Tensor  # [n, r, D']: B_G transposed
+    b_up: torch.Tensor  # [n, r, D']: B_U transposed
+    a_down: torch.Tensor  # [n, r, D']: A_D
+    b_down: torch.Tensor  # [n, r, d]: B_D transposed
+
+    @property
+    def num_experts(self) -> int:
+        return self.a_down.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.a_down.shape[1]
+
+
+def expert_lora_layout(
+    lora_A_gate: torch.Tensor,
+    lora_B_gate: torch.Tensor,
+    lora_A_up: torch.Tensor,
+    lora_B_up: torch.Tensor,
+    lora_A_down: torch.Tensor,
+    lora_B_down: torch.Tensor,
+) -> ExpertLoRA:
+    """Copies the experts' LoRA factors into the layouts of the expert kernels.
+
+    Args (shapes as in ``GraphMoEParams``; one floating dtype and one device for all):
+        lora_A_gate, lora_A_up: ``[n, r, d]``; lora_B_gate, lora_B_up: ``[n, D', r]``;
+        lora_A_down: ``[n, r, D']``; lora_B_down: ``[n, d, r]``.
+    Returns:
+        An :class:`ExpertLoRA`, detached: a copy of about ``n·r·(3d + 3D')`` elements, not a
+        view, so build it again whenever the factors change (every forward, in training).
+    Raises:
+        TypeError / ValueError: on inconsistent shapes, dtypes or devices, or when ``n·r`` is
+        past the masked-dense limit.
+    """
+    num_experts, rank = check_lora_shape("lora_A_gate", lora_A_gate)
+    hidden = lora_A_gate.shape[2]
+    check_float("lora_A_gate", lora_A_gate)
+    check_lora_shape("lora_A_down", lora_A_down)
+    inter = lora_A_down.shape[2]
+    for name, t, shape in (
+        ("lora_A_up", lora_A_up, (num_experts, rank, hidden)),
+        ("lora_B_gate", lora_B_gate, (num_experts, inter, rank)),
+        ("lora_B_up", lora_B_up, (num_experts, inter, rank)),
+        ("lora_A_down", lora_A_down, (num_experts, rank, inter)),
+        ("lora_B_down", lora_B_down, (num_experts, hidden, rank)),
+    ):
+        check_like(name, t, shape, lora_A_gate, lora_A_gate.dtype)
+    check_masked_dense(num_experts, rank)
+    with torch.no_grad():
+        return ExpertLoRA(
+            a_in=torch.stack([lora_A_gate, lora_A_up]).detach(),
+            b_gate=lora_B_gate.detach().transpose(1, 2).contiguous(),
+            b_up=lora_B_up.detach().transpose(1, 2).contiguous(),
+            a_down=lora_A_down.detach().contiguous(),
+            b_down=lora_B_down.detach().transpose(1, 2).contiguous(),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a_gu = c · x_lora · [A_G; A_U]^T, all experts.
+# ---------------------------------------------------------------------------------------------
+
+INTERPRET_CONFIG = triton.Config(
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1
+)
+
+# Few output columns (2·n·r = 256 at the benchmark shape): one column tile should cover them all
+# so x_lora is read once, and a small BLOCK_M keeps enough programs in flight to stream x_lora at
+# full HBM bandwidth.
+_LORA_IN_SM80 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+]
+_LORA_IN_SM90 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4,
+                  num_stages=3),
+]
+LORA_IN_CONFIGS = [INTERPRET_CONFIG] if INTERPRET else _LORA_IN_SM80 + _LORA_IN_SM90
+
+
+def _lora_in_prune(configs, named_args, **kwargs):
+    kept = arch_pruner(_LORA_IN_SM80, _LORA_IN_SM90)(configs, named_args, **kwargs)
+    # A column tile much wider than all 2·n·r columns is pure padding.
+    width = triton.next_power_of_2(named_args["N"])
+    narrow = [c for c in kept if c.kwargs["BLOCK_N"] <= max(width, 64)]
+    return narrow or kept
+
+
+@triton.jit
+def _lora_in_kernel(
+    x_ptr, a_ptr, out_ptr,
+    M, N, K,
+    stride_xm,
+    scaling,
+    M_BUCKET,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    a_ptrs = a_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        acc = mma(xt, at, acc, INTERP_BF16)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+
+    out_ptrs = out_ptr + rows[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, cast_rne(acc * scaling, out_ptr.dtype.element_ty, INTERP_BF16),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+_lora_in_tuned = triton.autotune(
+    configs=LORA_IN_CONFIGS,
+    key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _lora_in_prune},
+)(_lora_in_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The fused dual GEMM + per-slot LoRA + SwiGLU + weighted mix + down-LoRA input.
+# ---------------------------------------------------------------------------------------------
+
+# Through the k-slot epilogue the gate and up accumulators stay live next to the mixed h and the
+# chunk being multiplied: BLOCK_M·BLOCK_N = 8192 with 8 warps (or 4096 with 4) keeps the main
+# loop free of spills on both architectures (checked with the compile report). Because x is shared
+# by W_G and W_U, a 128×64 dual tile is as dense in arithmetic as a 128×128 single GEMM.
+# LORA_CHUNK is how many of the n·r masked-dense columns are multiplied at once: on sm_80 (mma.sync
+# keeps both operands in registers) 16 columns keep the epilogue's spills to a few dozen
+# instructions; on sm_90 (wgmma reads B from shared memory) 32 columns fit without spilling.
+_GATE_UP_SM80 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=4, num_stages=4),
+]
+# Hopper: BLOCK_M a multiple of 64 lets the dots lower to wgmma (one warpgroup per 64 rows); its
+# 227 KB of shared memory allows BLOCK_K = 64 at 4 stages.
+_GATE_UP_SM90 = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 32},
+                  num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 32},
+                  num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "LORA_CHUNK": 32},
+                  num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "LORA_CHUNK": 16},
+                  num_warps=4, num_stages=3),
+]
+GATE_UP_CONFIGS = (
+    [triton.Config({**INTERPRET_CONFIG.kwargs, "LORA_CHUNK": 16}, num_warps=4, num_stages=1)]
+    if INTERPRET else _GATE_UP_SM80 + _GATE_UP_SM90
+)
+
+
+@triton.jit
+def _expert_gate_up_kernel(
+    x_ptr, wg_ptr, wu_ptr, a_gu_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keep_ptr,
+    hmix_ptr, a_mix_ptr,
+    M, N, K,
+    stride_xm, stride_wg, stride_wu, stride_hm,
+    dropout_scale,
+    M_BUCKET,
+    RANK: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LORA_CHUNK: tl.constexpr,
+):
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    NR: tl.constexpr = NUM_EXPERTS * RANK
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Token-row offsets reach M·k·D' (the keep mask) and M·D': past 2^31 at LLaMA sizes.
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+
+    # ---- base products: each x tile loaded once for both W_G and W_U -------------------------
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    wg_ptrs = wg_ptr + cols[None, :] * stride_wg + offs_k[:, None]
+    wu_ptrs = wu_ptr + cols[None, :] * stride_wu + offs_k[:, None]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & mask_n[None, :]
+        acc_g = mma(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, INTERP_BF16)
+        acc_u = mma(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, INTERP_BF16)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    # ---- per slot: LoRA delta, SwiGLU, mix, and the down LoRA's partial input ----------------
+    # Masked-dense column c is row c of the [n·r, ·] LoRA matrices: expert c // RANK. The delta
+    # is linear in the masked operand, so slot j turns slot j-1's gate into its own in place by
+    # adding (a_j - a_{j-1}) @ B: the two blocks belong to different experts, so that operand is
+    # exact (and zero when a slot repeats the previous expert), and the base accumulators need no
+    # second copy: two fewer live fp32 tiles, which is what keeps the epilogue out of spills.
+    gate = acc_g
+    up = acc_u
+    hmix = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    e_prev = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=mask_m, other=-1)
+        w_j = tl.load(w_ptr + rows * TOP_K + j, mask=mask_m, other=0.0)
+        for c0 in tl.static_range(0, NR, LORA_CHUNK):
+            lc = c0 + tl.arange(0, LORA_CHUNK)
+            l_exp = (lc // RANK)[None, :]
+            # Only block e_j (and e_{j-1}, negated) of the token's a_gu row is read: r contiguous
+            # values each; the other experts' columns read as zero.
+            moved = (e_prev != e_j)[:, None] & (lc < NR)[None, :]
+            new_blk = (l_exp == e_j[:, None]) & moved
+            old_blk = (l_exp == e_prev[:, None]) & moved
+            sign = tl.where(old_blk, -1.0, 1.0)
+            a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
+            b_off = lc.to(tl.int64)[:, None] * N + cols[None, :]
+            b_mask = (lc < NR)[:, None] & mask_n[None, :]
+            a_g = tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign
+            a_u = tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign
+            gate = mma(a_g.to(DTYPE), tl.load(bg_ptr + b_off, mask=b_mask, other=0.0), gate,
+                       INTERP_BF16)
+            up = mma(a_u.to(DTYPE), tl.load(bu_ptr + b_off, mask=b_mask, other=0.0), up,
+                     INTERP_BF16)
+        e_prev = e_j
+        h = gate * tl.sigmoid(gate) * up
+        hmix += w_j[:, None] * h
+        if HAS_DROPOUT:
+            keep = tl.load(keep_ptr + (rows * TOP_K + j)[:, None] * N + cols[None, :],
+                           mask=mask_m[:, None] & mask_n[None, :], other=0)
+            h = tl.where(keep != 0, h * dropout_scale, 0.0)
+        h = cast_rne(h, DTYPE, INTERP_BF16)
+        for c0 in tl.static_range(0, NR, LORA_CHUNK):
+            lc = c0 + tl.arange(0, LORA_CHUNK)
+            # A_D[e] · h_j over this program's D' slice for every expert e of the chunk; block
+            # e_j is kept, weighted, and the D' slices meet in fp32 atomics.
+            ad = tl.load(ad_ptr + lc.to(tl.int64)[None, :] * N + cols[:, None],
+                         mask=mask_n[:, None] & (lc < NR)[None, :], other=0.0)
+            part = mma(h, ad, tl.zeros((BLOCK_M, LORA_CHUNK), dtype=tl.float32), INTERP_BF16)
+            sel = ((lc // RANK)[None, :] == e_j[:, None]) & (lc < NR)[None, :]
+            tl.atomic_add(a_mix_ptr + rows[:, None] * NR + lc[None, :], part * w_j[:, None],
+                          mask=sel, sem="relaxed")
+
+    h_ptrs = hmix_ptr + rows[:, None] * stride_hm + cols[None, :]
+    tl.store(h_ptrs, cast_rne(hmix, hmix_ptr.dtype.element_ty, INTERP_BF16),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+_expert_gate_up_tuned = triton.autotune(
+    configs=GATE_UP_CONFIGS,
+    key=["M_BUCKET", "N", "K", "RANK", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": arch_pruner(_GATE_UP_SM80, _GATE_UP_SM90)},
+    # Benchmarking launches the kernel repeatedly; the atomics must start from zero each time.
+    reset_to_zero=["a_mix_ptr"],
+)(_expert_gate_up_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch_lora_in(x_lora: torch.Tensor, a_in: torch.Tensor, out: torch.Tensor,
+                    scaling: float) -> None:
+    num_tokens, hidden = x_lora.shape
+    width = out.shape[1]
+
+    def grid(meta):
+        return (triton.cdiv(num_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+
+    _lora_in_tuned[grid](
+        x_lora, a_in, out,
+        num_tokens, width, hidden,
+        x_lora.stride(0),
+        float(scaling),
+        token_bucket(num_tokens),
+        INTERP_BF16=interpreter_bf16(x_lora.dtype),
+    )
+
+
+def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, index, keep,
+                    h_mix, a_mix, dropout_scale) -> None:
+    num_tokens, hidden = x.shape
+    inter = gate_weight.shape[0]
+
+    def grid(meta):
+        return (triton.cdiv(num_tokens, meta["BLOCK_M"]) * triton.cdiv(inter, meta["BLOCK_N"]),)
+
+    _expert_gate_up_tuned[grid](
+        x, gate_weight, up_weight, a_gu, lora.b_gate, lora.b_up, lora.a_down, weights, index,
+        keep if keep is not None else a_gu,  # never read without HAS_DROPOUT
+        h_mix, a_mix,
+        num_tokens, inter, hidden,
+        x.stride(0), gate_weight.stride(0), up_weight.stride(0), h_mix.stride(0),
+        float(dropout_scale),
+        token_bucket(num_tokens),
+        RANK=lora.rank, NUM_EXPERTS=lora.num_experts, TOP_K=index.shape[1],
+        HAS_DROPOUT=keep is not None, INTERP_BF16=interpreter_bf16(x.dtype),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation shared with expert_down, and the public functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_like(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tensor,
+               dtype: torch.dtype | None = None) -> None:
+    """``t`` must be a tensor of ``shape`` on ``ref``'s device, of ``dtype`` when given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_shape(name, t, shape)
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}, expected {ref.device} like the input")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected {dtype}")
+
+
+def check_activation(name: str, x: torch.Tensor) -> None:
+    """The 2-D fp16/bf16/fp32 activation a kernel starts from, on a device the kernels run on."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [tokens, features], got shape {tuple(x.shape)}")
+    check_float(name, x)
+    check_device(name, x)
+
+
+def check_lora_shape(name: str, t: torch.Tensor) -> tuple[int, int]:
+    """A 3-D ``[n, ·, ·]`` LoRA factor; returns ``(n, t.shape[1])``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [experts, ·, ·], got shape {tuple(t.shape)}")
+    return t.shape[0], t.shape[1]
+
+
+def check_layout(lora: ExpertLoRA, ref: torch.Tensor, hidden: int, inter: int) -> None:
+    """Validates an :class:`ExpertLoRA` against ``ref``'s dtype and device and the sizes."""
+    if not isinstance(lora, ExpertLoRA):
+        raise TypeError(
+            f"lora must be an ExpertLoRA (from expert_lora_layout), got {type(lora).__name__}"
+        )
+    n, r = lora.num_experts, lora.rank
+    for name, t, shape in (
+        ("lora.a_in", lora.a_in, (2, n, r, hidden)),
+        ("lora.b_gate", lora.b_gate, (n, r, inter)),
+        ("lora.b_up", lora.b_up, (n, r, inter)),
+        ("lora.a_down", lora.a_down, (n, r, inter)),
+        ("lora.b_down", lora.b_down, (n, r, hidden)),
+    ):
+        check_like(name, t, shape, ref, ref.dtype)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (build it with expert_lora_layout)")
+    check_masked_dense(n, r)
+
+
+def check_routing(expert_weights: torch.Tensor, expert_index: torch.Tensor, ref: torch.Tensor,
+                  num_experts: int) -> int:
+    """Validates ``[M, k]`` routing tensors against ``ref [M, ...]``; returns ``k``."""
+    if not isinstance(expert_index, torch.Tensor) or expert_index.dim() != 2:
+        raise ValueError("expert_index must be a 2-D [tokens, k] tensor")
+    top_k = expert_index.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"expert_index has k={top_k} slots; need 1 <= k <= n={num_experts}")
+    check_like("expert_index", expert_index, (ref.shape[0], top_k), ref)
+    if expert_index.is_floating_point() or expert_index.is_complex() or (
+        expert_index.dtype == torch.bool
+    ):
+        raise TypeError(f"expert_index must be an integer tensor, got {expert_index.dtype}")
+    check_like("expert_weights", expert_weights, (ref.shape[0], top_k), ref)
+    if not expert_weights.is_floating_point():
+        raise TypeError(f"expert_weights must be floating point, got {expert_weights.dtype}")
+    return top_k
+
+
+def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled rank-``r`` inputs of every expert's gate and up LoRA: ``c · x_lora · A^T``.
+
+    Args:
+        x_lora: ``[M, d]`` the LoRA input (``dropout(x)`` in training, ``x`` otherwise),
+            fp16/bf16/fp32.
+        lora: the experts' factors from :func:`expert_lora_layout`, ``x_lora``'s dtype.
+        scaling: ``c = lora_alpha / r``, folded in here so the gate/up kernel need not.
+        out: optional contiguous ``[M, 2·n·r]`` buffer of ``x_lora``'s dtype.
+    Returns:
+        ``[M, 2·n·r]`` in ``x_lora``'s dtype (accumulated in fp32): column ``e·r + i`` is
+        ``c · A_G[e, i] · x_lora``, column ``n·r + e·r + i`` the same for ``A_U``.
+    Raises:
+        TypeError / ValueError: on a dtype, shape or device mismatch.
+    """
+    check_activation("x_lora", x_lora)
+    if not isinstance(lora, ExpertLoRA):
+        raise TypeError(f"lora must be an ExpertLoRA, got {type(lora).__name__}")
+    num_tokens, hidden = x_lora.shape
+    n, r = lora.num_experts, lora.rank
+    check_like("lora.a_in", lora.a_in, (2, n, r, hidden), x_lora, x_lora.dtype)
+    shape = (num_tokens, 2 * n * r)
+    if out is None:
+        out = new_output(shape, x_lora.dtype, x_lora.device)
+    else:
+        check_like("out", out, shape, x_lora, x_lora.dtype)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    if num_tokens > 0:
+        _launch_lora_in(unit_stride_rows(x_lora), lora.a_in.contiguous(), out, scaling)
+    return out
+
+
+class GateUpOutput(NamedTuple):
+    """What :func:`expert_gate_up` returns."""
+
+    h_mix: torch.Tensor  # [M, D'], x's dtype: Σ_j w_j h_j
+    a_mix: torch.Tensor  # [M, n·r], fp32: Σ_j w_j A_D[e_j] dropout(h_j) in block e_j
+
+
+def expert_gate_up(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    lora: ExpertLoRA,
+    expert_weights: torch.Tensor,
+    expert_index: torch.Tensor,
+    scaling: float,
+    *,
+    x_lora: torch.Tensor | None = None,
+    keep_h: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    out: torch.Tensor | None = None,
+    a_mix_out: torch.Tensor | None = None,
+) -> GateUpOutput:
+    """Mixed SwiGLU activation of the chosen LoRA experts, and the down LoRA's rank-``r`` input.
+
+    Per token ``m`` and slot ``j`` (expert ``e_j = expert_index[m, j]``, weight
+    ``w_j = expert_weights[m, j]``)::
+
+        gate_j = W_G x + c · B_G[e_j] A_G[e_j] x_lora,  up_j likewise,  h_j = silu(gate_j) · up_j
+        h_mix[m] = Σ_j w_j h_j
+        a_mix[m, e·r + i] = Σ_{j: e_j = e} w_j · (A_D[e] · dropout(h_j))[i]   (0 for other e)
+
+    where ``dropout(h_j) = h_j ⊙ keep_h[m, j] / (1 − p)``, or ``h_j`` without ``keep_h``.
+    Accumulation is fp32 throughout and the ``k`` separate ``h_j`` never reach memory. Two
+    launches: :func:`expert_lora_in` for the rank-``r`` inputs, then the fused kernel.
+
+    Args:
+        x: ``[M, d]`` round input, fp16/bf16/fp32 (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        gate_weight, up_weight: ``[D', d]`` frozen base projections, ``x``'s dtype.
+        lora: the experts' LoRA factors from :func:`expert_lora_layout`, ``x``'s dtype.
+        expert_weights: ``[M, k]`` renormalised routing weights (used as fp32).
+        expert_index: ``[M, k]`` integer expert ids. They are not range-checked on the host
+            (that would synchronise with the device): an id outside ``[0, n)`` adds no LoRA term.
+            Repeated ids within a token are fine.
+        scaling: ``c = lora_alpha / r``.
+        x_lora: the gate/up LoRA input (``dropout(x)``, drawn by the caller); defaults to ``x``.
+        keep_h: optional ``[M, k, D']`` bool/uint8 keep-mask of the down LoRA's input; requires
+            ``0 < dropout_p < 1``.
+        dropout_p: the probability ``keep_h`` was drawn with.
+        out: optional ``[M, D']`` buffer (``x``'s dtype, unit column stride) for ``h_mix``.
+        a_mix_out: optional contiguous ``[M, n·r]`` fp32 buffer for ``a_mix`` (zeroed here).
+    Returns:
+        ``GateUpOutput(h_mix, a_mix)``.
+    Raises:
+        TypeError / ValueError: on a dtype, shape or device mismatch, and ``ValueError`` when
+        ``n·r`` is past the masked-dense limit ``MAX_MASKED_DENSE_COLS``.
+    """
+    check_activation("x", x)
+    num_tokens, hidden = x.shape
+    dt = x.dtype
+    if not isinstance(gate_weight, torch.Tensor) or gate_weight.dim() != 2:
+        raise ValueError("gate_weight must be a 2-D [D', d] tensor")
+    inter = gate_weight.shape[0]
+    check_like("gate_weight", gate_weight, (inter, hidden), x, dt)
+    check_like("up_weight", up_weight, (inter, hidden), x, dt)
+    check_layout(lora, x, hidden, inter)
+    top_k = check_routing(expert_weights, expert_index, x, lora.num_experts)
+    if x_lora is None:
+        x_lora = x
+    else:
+        check_like("x_lora", x_lora, (num_tokens, hidden), x, dt)
+    keep = None
+    dropout_scale = 1.0
+    if keep_h is not None:
+        check_like("keep_h", keep_h, (num_tokens, top_k, inter), x)
+        if keep_h.dtype not in (torch.bool, torch.uint8):
+            raise TypeError(f"keep_h must be bool or uint8, got {keep_h.dtype}")
+        if not 0.0 < dropout_p < 1.0:
+            raise ValueError(f"keep_h given with dropout_p={dropout_p}; need 0 < dropout_p < 1")
+        # bool and uint8 share a byte layout; the view avoids Triton's i1 pointer handling.
+        keep = keep_h.contiguous().view(torch.uint8)
+        dropout_scale = 1.0 / (1.0 - dropout_p)
+    elif dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p} given without keep_h")
+
+    if out is None:
+        out = new_output((num_tokens, inter), dt, x.device)
+    else:
+        check_like("out", out, (num_tokens, inter), x, dt)
+        if inter > 1 and out.stride(1) != 1:
+            raise ValueError("out must have unit column stride")
+    a_mix_shape = (num_tokens, lora.num_experts * lora.rank)
+    if a_mix_out is None:
+        a_mix = torch.zeros(a_mix_shape, device=x.device, dtype=torch.float32)
+    else:
+        check_like("a_mix_out", a_mix_out, a_mix_shape, x, torch.float32)
+        if not a_mix_out.is_contiguous():
+            raise ValueError("a_mix_out must be contiguous")
+        a_mix = a_mix_out.zero_()
+    if num_tokens == 0:
+        return GateUpOutput(out, a_mix)
+
+    a_gu = expert_lora_in(x_lora, lora, scaling)
+    _launch_gate_up(
+        unit_stride_rows(x), unit_stride_rows(gate_weight), unit_stride_rows(up_weight), a_gu,
+        lora, expert_weights.to(torch.float32).contiguous(), expert_index.contiguous(), keep,
+        out, a_mix, dropout_scale,
+    )
+    return GateUpOutput(out, a_mix)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the compile report builds: the llama3-8b shape of DESIGN §4 (d=4096, D'=14336, n=8, k=2,
+# r=16, 8192 tokens, bf16).
+# ---------------------------------------------------------------------------------------------
+
+_NUM_EXPERTS, _RANK, _TOP_K = 8, 16, 2
+COMPILE_SPECS = [
+    KernelSpec(
+        name="expert_gate_up.lora_in",
+        fn=_lora_in_kernel,
+        types={"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+               "K": "i32", "stride_xm": "i32", "scaling": "fp32", "M_BUCKET": "i32"},
+        constexprs={"INTERP_BF16": False},
+        configs=_LORA_IN_SM80 + _LORA_IN_SM90,
+        aligned=("x_ptr", "a_ptr", "out_ptr", "M", "N", "K", "stride_xm", "M_BUCKET"),
+        note="c · x_lora · [A_G; A_U]^T for all 8 experts (256 columns)",
+    ),
+    KernelSpec(
+        name="expert_gate_up.gate_up",
+        fn=_expert_gate_up_kernel,
+        types={"x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "a_gu_ptr": "*bf16",
+               "bg_ptr": "*bf16", "bu_ptr": "*bf16", "ad_ptr": "*bf16", "w_ptr": "*fp32",
+               "idx_ptr": "*i64", "keep_ptr": "*u8", "hmix_ptr": "*bf16", "a_mix_ptr": "*fp32",
+               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wg": "i32",
+               "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32",
+               "M_BUCKET": "i32"},
+        constexprs={"RANK": _RANK, "NUM_EXPERTS": _NUM_EXPERTS, "TOP_K": _TOP_K,
+                    "HAS_DROPOUT": True, "INTERP_BF16": False},
+        configs=_GATE_UP_SM80 + _GATE_UP_SM90,
+        aligned=("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr", "w_ptr",
+                 "idx_ptr", "keep_ptr", "hmix_ptr", "a_mix_ptr", "M", "N", "K", "stride_xm",
+                 "stride_wg", "stride_wu", "stride_hm", "M_BUCKET"),
+        note="dual gate/up GEMM + per-slot masked-dense LoRA + SwiGLU + mix + A_D atomics "
+             "(training variant, with the dropout mask)",
+    ),
+]
