@@ -21,6 +21,7 @@ setup(
         "transformers>=5.17,<5.25",
         "einops>=0.8",
         "tqdm",
+        "safetensors>=0.4",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff"]},
     entry_points={"console_scripts": ["graphmoe-demo=graphmoe_fused.cli:main"]},

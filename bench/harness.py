@@ -13,6 +13,7 @@ import gc
 import importlib
 import importlib.metadata
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -69,10 +70,11 @@ class BenchContext:
 
 def backend_skip_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot be benchmarked here, or ``None`` when it can."""
-    if name == "triton" and device.type != "cuda":
+    if name == "triton" and not triton_runnable(device):
         return (
-            "the triton backend needs a CUDA device (TRITON_INTERPRET=1 on CPU is a correctness "
-            "tool, its speed means nothing)"
+            "the triton backend needs a CUDA device (on CPU the Triton interpreter is a "
+            "correctness tool whose speed means nothing; TRITON_INTERPRET=1 runs these "
+            "benchmarks anyway, for smoke runs)"
         )
     try:
         get_backend(name)
@@ -81,6 +83,11 @@ def backend_skip_reason(name: str, device: torch.device) -> str | None:
     except ImportError as err:
         return f"{name} backend does not import: {err!r}"
     return None
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, and on CPU under the interpreter (smoke runs only)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def skip_unless_backend(name: str, device: torch.device) -> None:

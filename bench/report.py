@@ -24,7 +24,7 @@ BACKENDS = ("reference", "torch", "triton")
 IMPLS = ("dense", *BACKENDS)
 # The GRU-cell benchmark that stands for each backend's GRU (each has its own implementation).
 GRU_IMPL = {"reference": "reference", "torch": "torch", "triton": "triton"}
-TRITON_KERNELS = ("expert_gate_up", "expert_down", "gate_up+down")
+TRITON_KERNELS = ("router_topk", "expert_gate_up", "expert_down", "gate_up+down")
 # Issue 3's acceptance targets, defined at cpu-small, fp32, fwd+bwd.
 TARGET_SHAPE = "cpu-small"
 TARGET_SPEEDUP = 2.0

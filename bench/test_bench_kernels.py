@@ -4,8 +4,8 @@ Their ratio is the "GRU share of a round" of the report (the paper's Fig. 6 clai
 
 Groups: ``expert-round-{mode}`` (each backend's layer at T = 1: one routing + expert pass, the
 GRU never runs), ``gru-cell-{mode}`` (one GRU step plus the residual ``x + W_g h'``),
-``triton-expert-kernels`` (the raw ``expert_gate_up`` / ``expert_down`` kernels and the pair,
-CUDA only).
+``triton-round-kernels`` (the raw router, ``expert_gate_up`` and ``expert_down`` kernels, and
+the expert pair; CUDA only).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from bench.harness import (
     run_benchmark,
     skip_unless_backend,
     synchronize,
+    triton_runnable,
 )
 from graphmoe_fused.gru import lowrank_gru_reference
 from graphmoe_fused.routing import router_probabilities, select_experts
@@ -100,8 +101,8 @@ def test_gru_cell(benchmark: Any, ctx: BenchContext, impl: str, mode: str) -> No
     elif impl == "torch":
         step = _torch_gru_step(ctx, gru, h, y, x, grads)
     else:
-        if ctx.device.type != "cuda":
-            pytest.skip("the fused Triton GRU needs a CUDA device")
+        if not triton_runnable(ctx.device):
+            pytest.skip("the fused Triton GRU needs a CUDA device (or TRITON_INTERPRET=1)")
         if mode == "fwd_bwd":
             pytest.skip("kernels.lowrank_gru.fused_lowrank_gru is forward-only")
         module = import_optional("graphmoe_fused.kernels.lowrank_gru", "fused Triton GRU")
@@ -147,15 +148,19 @@ def _torch_gru_step(ctx: BenchContext, gru: gm.LowRankGRU, h: torch.Tensor, y: t
     return Step(run, lambda: synchronize(ctx.device))
 
 
-@pytest.mark.parametrize("kernel", ("expert_gate_up", "expert_down", "gate_up+down"))
+@pytest.mark.parametrize("kernel", ("router_topk", "expert_gate_up", "expert_down",
+                                    "gate_up+down"))
 def test_triton_expert_kernel(benchmark: Any, ctx: BenchContext, kernel: str) -> None:
-    """The raw expert kernels, forward, one round's tokens with the routing given: the expert MLP
-    alone, without the router, the GRU or autograd. ``gate_up+down`` is the pair back to back,
-    the expert part of a round (compare with ``layer-fwd`` of ``dense``: the same 3 GEMMs)."""
-    if ctx.device.type != "cuda":
-        pytest.skip("Triton expert kernels need a CUDA device")
-    gate_up = import_optional("graphmoe_fused.kernels.expert_gate_up", "Triton expert kernels")
-    down = import_optional("graphmoe_fused.kernels.expert_down", "Triton expert kernels")
+    """The raw kernels of one round, forward, called as ``triton_backend`` calls them: the
+    router (``fused_router_topk``), the two expert kernels with the routing given, and the
+    expert pair back to back (the expert MLP alone: no router, GRU or autograd; compare with
+    ``layer-fwd`` of ``dense``, the same 3 GEMMs)."""
+    if not triton_runnable(ctx.device):
+        pytest.skip("Triton expert kernels need a CUDA device (or TRITON_INTERPRET=1)")
+    what = "Triton round kernels"
+    routing = import_optional("graphmoe_fused.kernels.routing", what)
+    gate_up = import_optional("graphmoe_fused.kernels.expert_gate_up", what)
+    down = import_optional("graphmoe_fused.kernels.expert_down", what)
     s = ctx.shape
     layer = build_layer(ctx, "reference", num_rounds=1)
     p = layer.params()
@@ -164,39 +169,32 @@ def test_triton_expert_kernel(benchmark: Any, ctx: BenchContext, kernel: str) ->
     with torch.no_grad():
         weights, experts = select_experts(router_probabilities(F.linear(x, p.router_weight)),
                                           s.top_k)
-
-    if hasattr(gate_up, "expert_lora_layout"):
-        # The kernels read the LoRA factors in their own layout, rebuilt once per forward
-        # (a copy of ~5·n·r·(d + D') values), so it is kept out of the per-kernel timing.
+        # The kernels' LoRA layout is rebuilt once per forward, not per round: kept out of the
+        # per-kernel timing.
         lora = gate_up.expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up,
                                           p.lora_B_up, p.lora_A_down, p.lora_B_down)
-        gate_up_factors: tuple[Any, ...] = (lora,)
-        down_factors: tuple[Any, ...] = (lora,)
-    else:  # the first version of the kernels took the factors one by one
-        gate_up_factors = (p.lora_A_gate, p.lora_B_gate, p.lora_A_up, p.lora_B_up,
-                           p.lora_A_down)
-        down_factors = (p.lora_B_down,)
 
     def run_gate_up() -> Any:
-        return gate_up.expert_gate_up(x, p.gate_weight, p.up_weight, *gate_up_factors, weights,
-                                      experts, c)
+        return gate_up.expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights, experts, c)
 
-    def run_down(h_mix: torch.Tensor, a_down: torch.Tensor) -> torch.Tensor:
-        return down.expert_down(h_mix, p.down_weight, *down_factors, a_down, weights, experts, c)
+    def run_down(h_mix: torch.Tensor, a_mix: torch.Tensor) -> torch.Tensor:
+        return down.expert_down(h_mix, p.down_weight, lora, a_mix, c)
 
     with torch.no_grad():
-        h_mix, a_down = run_gate_up()  # the down kernel's inputs
+        h_mix, a_mix = run_gate_up()  # the down kernel's inputs
 
     def run() -> None:
         with torch.no_grad():
-            if kernel == "expert_gate_up":
+            if kernel == "router_topk":
+                routing.fused_router_topk(x, p.router_weight, s.top_k)
+            elif kernel == "expert_gate_up":
                 run_gate_up()
             elif kernel == "expert_down":
-                run_down(h_mix, a_down)
+                run_down(h_mix, a_mix)
             else:
                 run_down(*run_gate_up())
-        torch.cuda.synchronize(ctx.device)
+        synchronize(ctx.device)
 
-    benchmark.group = "triton-expert-kernels"
+    benchmark.group = "triton-round-kernels"
     benchmark.extra_info.update(ctx.info(kind="triton_kernel", impl=kernel, mode="fwd", rounds=1))
     run_benchmark(benchmark, ctx, Step(run, lambda: synchronize(ctx.device)))

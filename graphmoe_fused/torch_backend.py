@@ -13,9 +13,11 @@ Same function as :func:`graphmoe_fused.reference.graphmoe_reference` (within rou
   and per round boundary the GRU state and the experts' output ``y_t``. Everything ``D'``-wide
   (``G``, ``U``, ``gate_j``, ``up_j``, ``h_j``) is recomputed in backward from those, and the
   round inputs ``x_t`` are rebuilt from ``x`` and the GRU states. With
-  ``recompute_intermediates=False`` the per-slot ``gate_j`` and ``up_j`` are saved instead,
-  which skips the recomputation (two base GEMMs and the LoRA-B products per round) for
-  ``2·k·D'`` values per token per round.
+  ``recompute_intermediates=False`` the shared ``G`` and ``U`` are saved as well (what a dense
+  SwiGLU MLP keeps): ``2·D'`` values per token per round buy back the two base GEMMs per round
+  that recomputation costs; only the rank-r deltas are then recomputed. (Saving the per-slot
+  ``gate_j`` and ``up_j`` instead would cost ``2·k·D'`` to also skip those deltas, which are
+  cheap.)
 * **Dtypes.** The compute dtype of the GEMMs is the autocast dtype when autocast is on for x's
   device (fp64 inputs excepted, as autocast itself leaves fp64 alone), else x's dtype. Softmax,
   rank-r intermediates, the GRU state and ``y``'s accumulation stay in fp32 (fp64 for fp64
@@ -155,7 +157,7 @@ def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int) -> _Roun
 
     pair_weights = plan.to_pairs(weights)
     # The shared down projection runs once, on the mixed activation (the W_D identity above).
-    y = plan.sum_to_tokens(h, pair_weights.to(cd)) @ w.down.t()
+    y = plan.sum_to_tokens(h, pair_weights.to(cd), consume=True) @ w.down.t()
     lora_down_in = (c * pair_weights.unsqueeze(-1) * a_down).to(cd)
     y = y.to(acc).add_(plan.expand_tokens(lora_down_in, w.bt_down))
     return _RoundOut(y.to(x_t.dtype), probs, experts, a_gate_up, a_down,
@@ -175,8 +177,9 @@ class _Grads:
         self.bt_up = zeros(w.bt_up)
         self.a_down = zeros(w.a_down)
         self.bt_down = zeros(w.bt_down)
-        self.gru_zr = zeros(w.gru.zr)
-        self.gru_o = zeros(w.gru.o)
+        wz = p.gru_weight_z
+        self.gru_zr = torch.zeros(2 * wz.shape[0], wz.shape[1], dtype=acc, device=wz.device)
+        self.gru_o = zeros(p.gru_weight_o)
         self.gru_bias_o = zeros(w.gru.bias_o)
         self.gru_g = zeros(w.gru.g)
 
@@ -210,15 +213,17 @@ def _round_backward(
 
     # y = W_D Σ_j w_j h_j + c Σ_j w_j B_D[e_j] a_down_j
     grad_mix = plan.broadcast_tokens(grad_yc @ w.down)
-    grad_pair_w = torch.linalg.vecdot(h, grad_mix).to(acc)
-    del h
     grad_b_in = plan.project_tokens(grad_yc, w.bt_down).to(acc)  # B_D[e]ᵀ ∂y
-    grad_pair_w += c * (a_down * grad_b_in).sum(-1)
     cw = (c * pair_weights).unsqueeze(-1)
     grads.bt_down += plan.outer_tokens((cw * a_down).to(cd), grad_yc)
     grad_a_down_c = (cw * grad_b_in).to(cd)
     grads.a_down += plan.outer_pairs(grad_a_down_c, h_lora)
     del h_lora
+    # ∂w_j = <h_j, W_Dᵀ ∂y> + c <a_down_j, B_D[e_j]ᵀ ∂y>; h is consumed in place (on a CPU a
+    # fresh D'-wide temporary costs more in page faults than the multiply itself).
+    grad_pair_w = h.mul_(grad_mix).sum(-1, dtype=acc)
+    del h
+    grad_pair_w += c * (a_down * grad_b_in).sum(-1)
     grad_h = plan.expand_pairs(grad_a_down_c, w.a_down)  # A_D[e]ᵀ ∂a_down
     if masks is not None:
         grad_h = apply_dropout(grad_h, masks.h, p)
@@ -290,10 +295,7 @@ class _GraphMoEFunction(torch.autograd.Function):
         index = torch.stack([rnd.experts for rnd in rounds])
         ctx.mark_non_differentiable(index)
         ctx.st = st
-        wide = []
-        if not opt.recompute_intermediates:
-            wide = [torch.stack([rnd.base[0] for rnd in rounds]),
-                    torch.stack([rnd.base[1] for rnd in rounds])]
+        wide = [] if opt.recompute_intermediates else [t for rnd in rounds for t in rnd.base]
         ctx.save_for_backward(
             x, *params, probs, index,
             torch.stack([rnd.a_gate_up for rnd in rounds]),
@@ -314,7 +316,7 @@ class _GraphMoEFunction(torch.autograd.Function):
         probs, index, a_gate_up, a_down = saved[16:20]
         states = saved[20:20 + num_rounds - 1]
         outputs = saved[19 + num_rounds:18 + 2 * num_rounds]
-        base_all = saved[18 + 2 * num_rounds:] or None
+        bases = saved[18 + 2 * num_rounds:]  # G_0, U_0, G_1, ... (no recomputation) or none
         # Gradients may arrive expanded (stride 0) or as other views.
         if grad_y is None:
             grad_y = torch.zeros_like(x)
@@ -357,7 +359,7 @@ class _GraphMoEFunction(torch.autograd.Function):
                 grad_moe = _round_backward(
                     xs[t], grad_y_t, None if grad_probs is None else grad_probs[t],
                     probs[t], index[t], a_gate_up[t], a_down[t],
-                    None if base_all is None else (base_all[0][t], base_all[1][t]),
+                    bases[2 * t:2 * t + 2] or None,
                     w, router_acc, st, t, grads, need_grad_x,
                 )
                 if grad_moe is not None:

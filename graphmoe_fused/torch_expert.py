@@ -72,8 +72,11 @@ class MaskedPlan:
         """``[M, w]`` → something that broadcasts against pair tensors ``[k, M, w]``."""
         return t.unsqueeze(0)
 
-    def sum_to_tokens(self, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """``Σ_j weight_j · t_j`` over each token's slots: ``[k, M, w]`` → ``[M, w]``."""
+    def sum_to_tokens(
+        self, t: torch.Tensor, weight: torch.Tensor | None, consume: bool = False
+    ) -> torch.Tensor:
+        """``Σ_j weight_j · t_j`` over each token's slots: ``[k, M, w]`` → ``[M, w]``
+        (``consume``: ``t`` is not needed afterwards and may be overwritten)."""
         if weight is None:
             return t.sum(0)
         out = t[0] * weight[0, :, None]
@@ -152,6 +155,11 @@ class GroupedPlan:
         flat = experts.reshape(-1)  # canonical pair id q = token * k + slot
         self.pair_id = torch.argsort(flat, stable=True)
         self.token = torch.div(self.pair_id, self.top_k, rounding_mode="floor")
+        # Sorted position of each (token, slot): adding a token-level tensor to the pair rows
+        # is then k index_add_ calls over M rows each, not a gathered [P, w] temporary.
+        positions = torch.empty_like(self.pair_id)
+        positions.scatter_(0, self.pair_id, torch.arange(flat.numel(), device=flat.device))
+        self.slot_position = positions.view(self.num_tokens, self.top_k)
         counts = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         # Segment ends, on device: no sync, and an unchosen expert is an empty segment.
@@ -169,8 +177,13 @@ class GroupedPlan:
     def broadcast_tokens(self, t: torch.Tensor) -> torch.Tensor:
         return t.index_select(0, self.token)
 
-    def sum_to_tokens(self, t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        src = t if weight is None else t * weight[:, None]
+    def sum_to_tokens(
+        self, t: torch.Tensor, weight: torch.Tensor | None, consume: bool = False
+    ) -> torch.Tensor:
+        if weight is None:
+            src = t
+        else:
+            src = t.mul_(weight[:, None]) if consume else t * weight[:, None]
         out = t.new_zeros(self.num_tokens, t.shape[-1])
         return out.index_add_(0, self.token, src)
 
@@ -187,7 +200,10 @@ class GroupedPlan:
         self, v: torch.Tensor, factor: torch.Tensor, base: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = self._mm(v, factor)
-        return out if base is None else out.add_(base.index_select(0, self.token))
+        if base is not None:
+            for j in range(self.top_k):
+                out.index_add_(0, self.slot_position[:, j], base)
+        return out
 
     def expand_tokens(self, v: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         out = v.new_zeros(self.num_tokens, factor.shape[-1])

@@ -4,8 +4,8 @@ Same maths as :func:`graphmoe_fused.gru.lowrank_gru_reference` (reset-before, ``
 The products run in the compute dtype like every other GEMM of the layer; the gates, the state
 ``h`` and the whole backward run in the accumulation dtype (fp32, or fp64 for fp64 inputs): the
 GRU is ``dh ≈ 0.1·d`` wide, so precision costs nothing here. Backward recomputes the gates from
-``(h, y, x)`` instead of keeping them: three ``[M, dh]`` tensors per round saved for two small
-products.
+``(h, y, x)`` instead of keeping them: three ``[M, dh]`` tensors per round not saved, for four
+products of ``dh`` columns.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ import torch
 
 
 class GRUWeights(NamedTuple):
-    """GRU weights prepared once per call: ``W_z`` and ``W_r`` stacked into one product."""
+    """GRU weights prepared once per call: ``W_z`` and ``W_r`` stacked into one product, each
+    weight split by input (``[h, ·]`` columns, then the ``d`` wide ones) so that no ``[M, dh+d]``
+    concatenation of the inputs is ever built."""
 
-    zr: torch.Tensor  # [2·dh, dh + d]
-    o: torch.Tensor  # [dh, dh + d]
+    zr_h: torch.Tensor  # [2·dh, dh]
+    zr_y: torch.Tensor  # [2·dh, d]
+    o_h: torch.Tensor  # [dh, dh]
+    o_u: torch.Tensor  # [dh, d]
     bias_o: torch.Tensor  # [dh], accumulation dtype
     g: torch.Tensor  # [d, dh]
 
@@ -28,36 +32,35 @@ def prepare_gru(
     weight_z: torch.Tensor, weight_r: torch.Tensor, weight_o: torch.Tensor,
     bias_o: torch.Tensor, weight_g: torch.Tensor, dtype: torch.dtype, acc_dtype: torch.dtype,
 ) -> GRUWeights:
-    return GRUWeights(
-        torch.cat([weight_z, weight_r], 0).to(dtype),
-        weight_o.to(dtype),
-        bias_o.to(acc_dtype),
-        weight_g.to(dtype),
-    )
+    dh = weight_z.shape[0]
+    zr = torch.cat([weight_z, weight_r], 0).to(dtype)
+    o = weight_o.to(dtype)
+    return GRUWeights(zr[:, :dh], zr[:, dh:], o[:, :dh], o[:, dh:], bias_o.to(acc_dtype),
+                      weight_g.to(dtype))
 
 
 class _Gates(NamedTuple):
     z: torch.Tensor
     r: torch.Tensor
     cand: torch.Tensor
-    hy: torch.Tensor  # [h, y] in the compute dtype
-    q: torch.Tensor  # [r ⊙ h, u] in the compute dtype
+    rh: torch.Tensor  # r ⊙ h
+    u: torch.Tensor  # the candidate's second input (y or x)
 
 
 def _gates(
     h: torch.Tensor, y: torch.Tensor, x: torch.Tensor, w: GRUWeights,
     candidate_input: str, candidate_activation: str,
 ) -> _Gates:
-    cd, acc = w.zr.dtype, h.dtype
+    cd, acc = w.zr_h.dtype, h.dtype
     dh = h.shape[-1]
-    hy = torch.cat([h.to(cd), y.to(cd)], -1)
-    zr = torch.sigmoid((hy @ w.zr.t()).to(acc))
+    zr = torch.addmm(h.to(cd) @ w.zr_h.t(), y.to(cd), w.zr_y.t())
+    zr = torch.sigmoid(zr.to(acc))
     z, r = zr[:, :dh], zr[:, dh:]
     u = y if candidate_input == "y" else x
-    q = torch.cat([(r * h).to(cd), u.to(cd)], -1)
-    pre = torch.addmm(w.bias_o, q, w.o.t()) if cd == acc else (q @ w.o.t()).to(acc) + w.bias_o
+    rh = r * h
+    pre = torch.addmm(rh.to(cd) @ w.o_h.t(), u.to(cd), w.o_u.t()).to(acc).add_(w.bias_o)
     cand = torch.sigmoid(pre) if candidate_activation == "sigmoid" else torch.tanh(pre)
-    return _Gates(z, r, cand, hy, q)
+    return _Gates(z, r, cand, rh, u)
 
 
 def gru_step(
@@ -73,8 +76,8 @@ class GRUGrads(NamedTuple):
     h: torch.Tensor  # ∂/∂h_{t-1}
     y: torch.Tensor  # ∂/∂y_t
     x: torch.Tensor | None  # ∂/∂x_t (candidate input "x" only)
-    zr: torch.Tensor  # ∂/∂[W_z; W_r]
-    o: torch.Tensor
+    zr: torch.Tensor  # ∂/∂[W_z; W_r]  [2·dh, dh + d]
+    o: torch.Tensor  # ∂/∂W_o  [dh, dh + d]
     bias_o: torch.Tensor
 
 
@@ -85,7 +88,6 @@ def gru_step_backward(
     """Backward of :func:`gru_step`; ``w`` as in forward (to recompute the same gates),
     ``w_acc`` the same weights in the accumulation dtype (for the gradient products)."""
     acc = h.dtype
-    dh = h.shape[-1]
     g = _gates(h, y, x, w, candidate_input, candidate_activation)
     grad_z = grad_h_new * (g.cand - h)
     grad_cand = grad_h_new * g.z
@@ -94,22 +96,18 @@ def gru_step_backward(
         grad_pre = grad_cand * g.cand * (1 - g.cand)
     else:
         grad_pre = grad_cand * (1 - g.cand * g.cand)
-    q = g.q.to(acc)
-    grad_o = grad_pre.t() @ q
-    grad_bias_o = grad_pre.sum(0)
-    grad_q = grad_pre @ w_acc.o
-    grad_rh, grad_u = grad_q[:, :dh], grad_q[:, dh:]
-    grad_h = grad_h + grad_rh * g.r
-    grad_zr_pre = torch.cat(
-        [grad_z * g.z * (1 - g.z), grad_rh * h * g.r * (1 - g.r)], -1
-    )
-    grad_zr = grad_zr_pre.t() @ g.hy.to(acc)
-    grad_hy = grad_zr_pre @ w_acc.zr
-    grad_h = grad_h + grad_hy[:, :dh]
-    grad_y = grad_hy[:, dh:]
+    u = g.u.to(acc)
+    grad_o = torch.cat([grad_pre.t() @ g.rh, grad_pre.t() @ u], 1)
+    grad_rh = grad_pre @ w_acc.o_h
+    grad_u = grad_pre @ w_acc.o_u
+    grad_h += grad_rh * g.r
+    grad_zr_pre = torch.cat([grad_z * g.z * (1 - g.z), grad_rh * h * g.r * (1 - g.r)], -1)
+    grad_zr = torch.cat([grad_zr_pre.t() @ h, grad_zr_pre.t() @ y.to(acc)], 1)
+    grad_h.addmm_(grad_zr_pre, w_acc.zr_h)
+    grad_y = grad_zr_pre @ w_acc.zr_y
     grad_x = None
     if candidate_input == "y":
-        grad_y = grad_y + grad_u
+        grad_y += grad_u
     else:
         grad_x = grad_u
-    return GRUGrads(grad_h, grad_y, grad_x, grad_zr, grad_o, grad_bias_o)
+    return GRUGrads(grad_h, grad_y, grad_x, grad_zr, grad_o, grad_pre.sum(0))

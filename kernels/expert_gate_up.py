@@ -94,20 +94,18 @@ def check_masked_dense(num_experts: int, rank: int) -> None:
         )
 
 
-def arch_pruner(sm80: list[triton.Config], sm90: list[triton.Config]):
-    """An ``early_config_prune`` keeping the configs written for the current GPU generation
-    (the sm_80 list below sm_90) and, for few tokens, only row tiles that are not mostly
-    padding."""
+def cfg(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
+        **extra: int) -> triton.Config:
+    """A GPU autotune config (GROUP_M = 8 row tiles share the weight tiles in L2)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                          "GROUP_M": 8, **extra}, num_warps=warps, num_stages=stages)
 
-    def prune(configs, named_args, **kwargs):
-        major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
-        wanted = sm90 if major >= 9 else sm80
-        kept = [c for c in configs if any(c is w for w in wanted)] or list(configs)
-        bucket = named_args["M_BUCKET"]
-        small = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, bucket)]
-        return small or kept
 
-    return prune
+def prune_small_m(configs, named_args, **kwargs):
+    """``early_config_prune``: for few tokens, only row tiles that are not mostly padding."""
+    bucket = named_args["M_BUCKET"]
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, bucket)]
+    return small or list(configs)
 
 
 @triton.jit
@@ -131,24 +129,40 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 # ---------------------------------------------------------------------------------------------
 
 
-class ExpertLoRA(NamedTuple):
-    """All experts' LoRA factors as the kernels read them (see :func:`expert_lora_layout`):
-    every factor a contiguous ``[n, r, ·]`` tensor, i.e. a row-major ``[n·r, ·]`` matrix whose
-    row ``e·r + i`` is rank ``i`` of expert ``e``."""
+def padded_rank(rank: int) -> int:
+    """``r`` rounded up to a power of two: the width of one expert's block in the gate/up
+    kernel, so a masked-dense chunk always holds whole expert blocks."""
+    return triton.next_power_of_2(rank)
 
-    a_in: torch.Tensor  # [2, n, r, d]: A_G then A_U
-    b_gate: torch.Tensor  # [n, r, D']: B_G transposed
-    b_up: torch.Tensor  # [n, r, D']: B_U transposed
-    a_down: torch.Tensor  # [n, r, D']: A_D
-    b_down: torch.Tensor  # [n, r, d]: B_D transposed
+
+class ExpertLoRA(NamedTuple):
+    """All experts' LoRA factors as the kernels read them (see :func:`expert_lora_layout`).
+
+    Each factor is a contiguous ``[n, R, ·]`` tensor, i.e. a row-major ``[n·R, ·]`` matrix
+    whose row ``e·R + i`` is rank ``i`` of expert ``e``; ``R`` is ``rank`` rounded up to a power
+    of two for the gate/up kernel's factors (padded ranks are zero rows; no padding, and no
+    copy beyond the transposes, for the usual power-of-two ranks).
+    """
+
+    a_in: torch.Tensor  # [2, n, R, d]: A_G then A_U
+    b_gate: torch.Tensor  # [n, R, D']: B_G transposed
+    b_up: torch.Tensor  # [n, R, D']: B_U transposed
+    a_down: torch.Tensor  # [n, R, D']: A_D
+    b_down: torch.Tensor  # [n, r, d]: B_D transposed (unpadded: a_mix is [M, n·r])
+    rank: int  # r
 
     @property
     def num_experts(self) -> int:
         return self.a_down.shape[0]
 
-    @property
-    def rank(self) -> int:
-        return self.a_down.shape[1]
+
+def _rank_major(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """A ``[n, r, ·]`` view as a contiguous ``[n, padded, ·]`` tensor, zero-padded ranks."""
+    if t.shape[1] == padded:
+        return t.contiguous()
+    out = t.new_zeros(t.shape[0], padded, t.shape[2])
+    out[:, : t.shape[1]] = t
+    return out
 
 
 def expert_lora_layout(
@@ -185,13 +199,16 @@ def expert_lora_layout(
     ):
         check_like(name, t, shape, lora_A_gate, lora_A_gate.dtype)
     check_masked_dense(num_experts, rank)
+    padded = padded_rank(rank)
     with torch.no_grad():
         return ExpertLoRA(
-            a_in=torch.stack([lora_A_gate, lora_A_up]).detach(),
-            b_gate=lora_B_gate.detach().transpose(1, 2).contiguous(),
-            b_up=lora_B_up.detach().transpose(1, 2).contiguous(),
-            a_down=lora_A_down.detach().contiguous(),
+            a_in=torch.stack([_rank_major(lora_A_gate.detach(), padded),
+                              _rank_major(lora_A_up.detach(), padded)]),
+            b_gate=_rank_major(lora_B_gate.detach().transpose(1, 2), padded),
+            b_up=_rank_major(lora_B_up.detach().transpose(1, 2), padded),
+            a_down=_rank_major(lora_A_down.detach(), padded),
             b_down=lora_B_down.detach().transpose(1, 2).contiguous(),
+            rank=rank,
         )
 
 
@@ -203,33 +220,22 @@ INTERPRET_CONFIG = triton.Config(
     {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1
 )
 
-# Few output columns (2·n·r = 256 at the benchmark shape): one column tile should cover them all
+# Every config list below compiles without spills for both sm_80 (A100, mma.sync) and sm_90
+# (H100, wgmma): the compile report builds each config for both, and autotune picks per GPU.
+#
+# Few output columns (2·n·R = 256 at the benchmark shape): one column tile should cover them all
 # so x_lora is read once, and a small BLOCK_M keeps enough programs in flight to stream x_lora at
 # full HBM bandwidth.
-_LORA_IN_SM80 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8,
-                  num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                  num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                  num_stages=4),
+_LORA_IN_GPU = [
+    cfg(64, 256, 32, 8, 4), cfg(64, 256, 64, 8, 3), cfg(64, 128, 64, 4, 4),
+    cfg(128, 128, 64, 8, 3), cfg(32, 128, 64, 4, 4), cfg(32, 128, 128, 4, 3),
 ]
-_LORA_IN_SM90 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                  num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                  num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                  num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4,
-                  num_stages=3),
-]
-LORA_IN_CONFIGS = [INTERPRET_CONFIG] if INTERPRET else _LORA_IN_SM80 + _LORA_IN_SM90
+LORA_IN_CONFIGS = [INTERPRET_CONFIG] if INTERPRET else _LORA_IN_GPU
 
 
 def _lora_in_prune(configs, named_args, **kwargs):
-    kept = arch_pruner(_LORA_IN_SM80, _LORA_IN_SM90)(configs, named_args, **kwargs)
-    # A column tile much wider than all 2·n·r columns is pure padding.
+    kept = prune_small_m(configs, named_args, **kwargs)
+    # A column tile much wider than all 2·n·R columns is pure padding.
     width = triton.next_power_of_2(named_args["N"])
     narrow = [c for c in kept if c.kwargs["BLOCK_N"] <= max(width, 64)]
     return narrow or kept
@@ -280,42 +286,21 @@ _lora_in_tuned = triton.autotune(
 # 2. The fused dual GEMM + per-slot LoRA + SwiGLU + weighted mix + down-LoRA input.
 # ---------------------------------------------------------------------------------------------
 
-# Through the k-slot epilogue the gate and up accumulators stay live next to the mixed h and the
-# chunk being multiplied: BLOCK_M·BLOCK_N = 8192 with 8 warps (or 4096 with 4) keeps the main
-# loop free of spills on both architectures (checked with the compile report). Because x is shared
-# by W_G and W_U, a 128×64 dual tile is as dense in arithmetic as a 128×128 single GEMM.
-# LORA_CHUNK is how many of the n·r masked-dense columns are multiplied at once: on sm_80 (mma.sync
-# keeps both operands in registers) 16 columns keep the epilogue's spills to a few dozen
-# instructions; on sm_90 (wgmma reads B from shared memory) 32 columns fit without spilling.
-_GATE_UP_SM80 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=4, num_stages=4),
-]
-# Hopper: BLOCK_M a multiple of 64 lets the dots lower to wgmma (one warpgroup per 64 rows); its
-# 227 KB of shared memory allows BLOCK_K = 64 at 4 stages.
-_GATE_UP_SM90 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 32},
-                  num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "LORA_CHUNK": 32},
-                  num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "LORA_CHUNK": 32},
-                  num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "LORA_CHUNK": 16},
-                  num_warps=4, num_stages=3),
+# Through the k-slot epilogue the gate and up accumulators stay live next to the mixed h, the
+# slot's h and the chunk being multiplied. Measured with the compile report: 64×128 tiles with 8
+# warps are the largest that stay spill-free on sm_80 (128×64 spills a few registers there, though
+# not on sm_90). x is shared by W_G and W_U, so a 64×128 dual tile reads as little per FLOP as a
+# 64×256 single GEMM. LORA_CHUNK is how many masked-dense columns are multiplied at once: 32
+# spills on sm_80 at 64×128; 16 is one m16n8k16 / wgmma K-step.
+_GATE_UP_GPU = [
+    cfg(64, 128, 64, 8, 3, LORA_CHUNK=16), cfg(64, 128, 32, 8, 4, LORA_CHUNK=16),
+    cfg(64, 128, 32, 8, 3, LORA_CHUNK=16), cfg(64, 64, 64, 8, 3, LORA_CHUNK=16),
+    cfg(64, 64, 32, 8, 4, LORA_CHUNK=16), cfg(32, 64, 64, 4, 4, LORA_CHUNK=16),
+    cfg(64, 32, 64, 4, 4, LORA_CHUNK=16),
 ]
 GATE_UP_CONFIGS = (
     [triton.Config({**INTERPRET_CONFIG.kwargs, "LORA_CHUNK": 16}, num_warps=4, num_stages=1)]
-    if INTERPRET else _GATE_UP_SM80 + _GATE_UP_SM90
+    if INTERPRET else _GATE_UP_GPU
 )
 
 
@@ -327,13 +312,18 @@ def _expert_gate_up_kernel(
     stride_xm, stride_wg, stride_wu, stride_hm,
     dropout_scale,
     M_BUCKET,
-    RANK: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    RANK: tl.constexpr, R_PAD: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LORA_CHUNK: tl.constexpr,
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    NR: tl.constexpr = NUM_EXPERTS * RANK
+    NR: tl.constexpr = NUM_EXPERTS * R_PAD  # rows of the padded [n·R, ·] LoRA matrices
+    # Chunks hold whole expert blocks: max(LORA_CHUNK, R_PAD) columns, EPC experts. The chunk
+    # loops are not unrolled: unrolled, ptxas interleaves the chunks' loads and addresses and
+    # the epilogue spills on sm_80.
+    CH: tl.constexpr = LORA_CHUNK + (R_PAD - LORA_CHUNK) * (R_PAD > LORA_CHUNK)
+    EPC: tl.constexpr = CH // R_PAD
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -360,37 +350,41 @@ def _expert_gate_up_kernel(
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
 
-    # ---- per slot: LoRA delta, SwiGLU, mix, and the down LoRA's partial input ----------------
-    # Masked-dense column c is row c of the [n·r, ·] LoRA matrices: expert c // RANK. The delta
+    # ---- per slot: LoRA delta, SwiGLU, mix, and the down LoRA's input -----------------------
+    # Masked-dense column c is row c of the [n·R, ·] LoRA matrices: expert c // R_PAD. The delta
     # is linear in the masked operand, so slot j turns slot j-1's gate into its own in place by
     # adding (a_j - a_{j-1}) @ B: the two blocks belong to different experts, so that operand is
     # exact (and zero when a slot repeats the previous expert), and the base accumulators need no
-    # second copy: two fewer live fp32 tiles, which is what keeps the epilogue out of spills.
+    # second copy: two fewer live fp32 tiles.
     gate = acc_g
     up = acc_u
     hmix = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    e_prev = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    ri = tl.arange(0, R_PAD)
+    e_prev = tl.full((BLOCK_M,), -1, dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=mask_m, other=-1)
+        # 32-bit ids keep the block masks in 32-bit registers; any id outside [0, n) becomes -1,
+        # which matches no block.
+        e_j = tl.where((e_j >= 0) & (e_j < NUM_EXPERTS), e_j, -1).to(tl.int32)
         w_j = tl.load(w_ptr + rows * TOP_K + j, mask=mask_m, other=0.0)
-        for c0 in tl.static_range(0, NR, LORA_CHUNK):
-            lc = c0 + tl.arange(0, LORA_CHUNK)
-            l_exp = (lc // RANK)[None, :]
-            # Only block e_j (and e_{j-1}, negated) of the token's a_gu row is read: r contiguous
+        moved = (e_prev != e_j)[:, None]
+        for c0 in tl.range(0, NR, CH, num_stages=1):
+            lc = c0 + tl.arange(0, CH)
+            l_exp = (lc // R_PAD)[None, :]
+            # Only block e_j (and e_{j-1}, negated) of the token's a_gu row is read: R contiguous
             # values each; the other experts' columns read as zero.
-            moved = (e_prev != e_j)[:, None] & (lc < NR)[None, :]
             new_blk = (l_exp == e_j[:, None]) & moved
             old_blk = (l_exp == e_prev[:, None]) & moved
-            sign = tl.where(old_blk, -1.0, 1.0)
             a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
             b_off = lc.to(tl.int64)[:, None] * N + cols[None, :]
+            # The sign flip goes through fp32 (exact both ways): the interpreter holds bf16 as
+            # integers, which a direct negation would corrupt.
+            sign = tl.where(old_blk, -1.0, 1.0)
+            a_g = (tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
+            a_u = (tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
             b_mask = (lc < NR)[:, None] & mask_n[None, :]
-            a_g = tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign
-            a_u = tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign
-            gate = mma(a_g.to(DTYPE), tl.load(bg_ptr + b_off, mask=b_mask, other=0.0), gate,
-                       INTERP_BF16)
-            up = mma(a_u.to(DTYPE), tl.load(bu_ptr + b_off, mask=b_mask, other=0.0), up,
-                     INTERP_BF16)
+            gate = mma(a_g, tl.load(bg_ptr + b_off, mask=b_mask, other=0.0), gate, INTERP_BF16)
+            up = mma(a_u, tl.load(bu_ptr + b_off, mask=b_mask, other=0.0), up, INTERP_BF16)
         e_prev = e_j
         h = gate * tl.sigmoid(gate) * up
         hmix += w_j[:, None] * h
@@ -399,16 +393,24 @@ def _expert_gate_up_kernel(
                            mask=mask_m[:, None] & mask_n[None, :], other=0)
             h = tl.where(keep != 0, h * dropout_scale, 0.0)
         h = cast_rne(h, DTYPE, INTERP_BF16)
-        for c0 in tl.static_range(0, NR, LORA_CHUNK):
-            lc = c0 + tl.arange(0, LORA_CHUNK)
-            # A_D[e] · h_j over this program's D' slice for every expert e of the chunk; block
-            # e_j is kept, weighted, and the D' slices meet in fp32 atomics.
+        # A_D[e] · h_j over this program's D' slice for every expert e, chunk by chunk; only block
+        # e_j is kept (reshaped out of its chunk), so one [BLOCK_M, R] atomic per slot sums the
+        # D' slices: an atomic per masked-dense column would cost n times the instructions and
+        # addresses (sm_80 has no vector fp32 atomics).
+        a_j = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for c0 in tl.range(0, NR, CH, num_stages=1):
+            lc = c0 + tl.arange(0, CH)
             ad = tl.load(ad_ptr + lc.to(tl.int64)[None, :] * N + cols[:, None],
                          mask=mask_n[:, None] & (lc < NR)[None, :], other=0.0)
-            part = mma(h, ad, tl.zeros((BLOCK_M, LORA_CHUNK), dtype=tl.float32), INTERP_BF16)
-            sel = ((lc // RANK)[None, :] == e_j[:, None]) & (lc < NR)[None, :]
-            tl.atomic_add(a_mix_ptr + rows[:, None] * NR + lc[None, :], part * w_j[:, None],
-                          mask=sel, sem="relaxed")
+            part = mma(h, ad, tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
+            part = tl.reshape(part, (BLOCK_M, EPC, R_PAD))
+            chunk_exp = c0 // R_PAD + tl.arange(0, EPC)
+            part = tl.where(chunk_exp[None, :, None] == e_j[:, None, None], part, 0.0)
+            a_j += tl.sum(part, axis=1)
+        tl.atomic_add(a_mix_ptr + rows[:, None] * (NUM_EXPERTS * RANK)
+                      + (tl.maximum(e_j, 0) * RANK)[:, None] + ri[None, :],
+                      a_j * w_j[:, None], mask=(e_j >= 0)[:, None] & (ri < RANK)[None, :],
+                      sem="relaxed")
 
     h_ptrs = hmix_ptr + rows[:, None] * stride_hm + cols[None, :]
     tl.store(h_ptrs, cast_rne(hmix, hmix_ptr.dtype.element_ty, INTERP_BF16),
@@ -417,8 +419,8 @@ def _expert_gate_up_kernel(
 
 _expert_gate_up_tuned = triton.autotune(
     configs=GATE_UP_CONFIGS,
-    key=["M_BUCKET", "N", "K", "RANK", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": arch_pruner(_GATE_UP_SM80, _GATE_UP_SM90)},
+    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_small_m},
     # Benchmarking launches the kernel repeatedly; the atomics must start from zero each time.
     reset_to_zero=["a_mix_ptr"],
 )(_expert_gate_up_kernel)
@@ -463,8 +465,9 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
         x.stride(0), gate_weight.stride(0), up_weight.stride(0), h_mix.stride(0),
         float(dropout_scale),
         token_bucket(num_tokens),
-        RANK=lora.rank, NUM_EXPERTS=lora.num_experts, TOP_K=index.shape[1],
-        HAS_DROPOUT=keep is not None, INTERP_BF16=interpreter_bf16(x.dtype),
+        RANK=lora.rank, R_PAD=padded_rank(lora.rank), NUM_EXPERTS=lora.num_experts,
+        TOP_K=index.shape[1], HAS_DROPOUT=keep is not None,
+        INTERP_BF16=interpreter_bf16(x.dtype),
     )
 
 
@@ -511,11 +514,12 @@ def check_layout(lora: ExpertLoRA, ref: torch.Tensor, hidden: int, inter: int) -
             f"lora must be an ExpertLoRA (from expert_lora_layout), got {type(lora).__name__}"
         )
     n, r = lora.num_experts, lora.rank
+    padded = padded_rank(r)
     for name, t, shape in (
-        ("lora.a_in", lora.a_in, (2, n, r, hidden)),
-        ("lora.b_gate", lora.b_gate, (n, r, inter)),
-        ("lora.b_up", lora.b_up, (n, r, inter)),
-        ("lora.a_down", lora.a_down, (n, r, inter)),
+        ("lora.a_in", lora.a_in, (2, n, padded, hidden)),
+        ("lora.b_gate", lora.b_gate, (n, padded, inter)),
+        ("lora.b_up", lora.b_up, (n, padded, inter)),
+        ("lora.a_down", lora.a_down, (n, padded, inter)),
         ("lora.b_down", lora.b_down, (n, r, hidden)),
     ):
         check_like(name, t, shape, ref, ref.dtype)
@@ -552,10 +556,12 @@ def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
             fp16/bf16/fp32.
         lora: the experts' factors from :func:`expert_lora_layout`, ``x_lora``'s dtype.
         scaling: ``c = lora_alpha / r``, folded in here so the gate/up kernel need not.
-        out: optional contiguous ``[M, 2·n·r]`` buffer of ``x_lora``'s dtype.
+        out: optional contiguous ``[M, 2·n·R]`` buffer of ``x_lora``'s dtype (``R``: the rank
+            rounded up to a power of two).
     Returns:
-        ``[M, 2·n·r]`` in ``x_lora``'s dtype (accumulated in fp32): column ``e·r + i`` is
-        ``c · A_G[e, i] · x_lora``, column ``n·r + e·r + i`` the same for ``A_U``.
+        ``[M, 2·n·R]`` in ``x_lora``'s dtype (accumulated in fp32): column ``e·R + i`` is
+        ``c · A_G[e, i] · x_lora``, column ``n·R + e·R + i`` the same for ``A_U``; padded ranks
+        are zero.
     Raises:
         TypeError / ValueError: on a dtype, shape or device mismatch.
     """
@@ -563,9 +569,9 @@ def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora must be an ExpertLoRA, got {type(lora).__name__}")
     num_tokens, hidden = x_lora.shape
-    n, r = lora.num_experts, lora.rank
-    check_like("lora.a_in", lora.a_in, (2, n, r, hidden), x_lora, x_lora.dtype)
-    shape = (num_tokens, 2 * n * r)
+    n, padded = lora.num_experts, padded_rank(lora.rank)
+    check_like("lora.a_in", lora.a_in, (2, n, padded, hidden), x_lora, x_lora.dtype)
+    shape = (num_tokens, 2 * n * padded)
     if out is None:
         out = new_output(shape, x_lora.dtype, x_lora.device)
     else:
@@ -700,7 +706,7 @@ COMPILE_SPECS = [
         types={"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
                "K": "i32", "stride_xm": "i32", "scaling": "fp32", "M_BUCKET": "i32"},
         constexprs={"INTERP_BF16": False},
-        configs=_LORA_IN_SM80 + _LORA_IN_SM90,
+        configs=_LORA_IN_GPU,
         aligned=("x_ptr", "a_ptr", "out_ptr", "M", "N", "K", "stride_xm", "M_BUCKET"),
         note="c · x_lora · [A_G; A_U]^T for all 8 experts (256 columns)",
     ),
@@ -713,9 +719,9 @@ COMPILE_SPECS = [
                "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wg": "i32",
                "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32",
                "M_BUCKET": "i32"},
-        constexprs={"RANK": _RANK, "NUM_EXPERTS": _NUM_EXPERTS, "TOP_K": _TOP_K,
-                    "HAS_DROPOUT": True, "INTERP_BF16": False},
-        configs=_GATE_UP_SM80 + _GATE_UP_SM90,
+        constexprs={"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
+                    "TOP_K": _TOP_K, "HAS_DROPOUT": True, "INTERP_BF16": False},
+        configs=_GATE_UP_GPU,
         aligned=("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr", "w_ptr",
                  "idx_ptr", "keep_ptr", "hmix_ptr", "a_mix_ptr", "M", "N", "K", "stride_xm",
                  "stride_wg", "stride_wu", "stride_hm", "M_BUCKET"),

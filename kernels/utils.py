@@ -25,14 +25,6 @@ POISON_ENV = "GRAPHMOE_FUSED_POISON_OUTPUTS"
 # depends on the token count (the grid is already several waves deep on an H100).
 MAX_TOKEN_BUCKET = 16384
 
-TORCH_TO_TRITON_DTYPE = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.int64: "i64",
-    torch.int32: "i32",
-}
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

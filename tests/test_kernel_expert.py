@@ -22,7 +22,6 @@ from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from graphmoe_fused.kernels.expert_down import expert_down  # noqa: E402
 from graphmoe_fused.kernels.expert_gate_up import (  # noqa: E402
     MAX_MASKED_DENSE_COLS,
@@ -249,12 +248,19 @@ def test_zero_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_in_alone(dtype):
-    pr = make_problem(21, 40, 16, 3, 5, 2, dtype, seed=8)
-    out = torch.full((21, 30), float("nan"), dtype=dtype, device=DEVICE)
+    # Rank 5 is padded to 8 in the kernel layout: columns [m, (gate|up), expert, rank].
+    tokens, experts, rank, padded = 21, 3, 5, 8
+    pr = make_problem(tokens, 40, 16, experts, rank, 2, dtype, seed=8)
+    out = torch.full((tokens, 2 * experts * padded), float("nan"), dtype=dtype, device=DEVICE)
     got = expert_lora_in(pr.x_lora, pr.lora(), SCALING, out=out)
     assert got.data_ptr() == out.data_ptr()
-    a = torch.cat([pr.lora_A_gate, pr.lora_A_up]).double().flatten(0, 1)  # [2·n·r, d]
-    assert_close(got, SCALING * pr.x_lora.double() @ a.T, dtype, "a_gu")
+    expected = torch.zeros(tokens, 2, experts, padded, dtype=torch.float64, device=DEVICE)
+    for side, a in enumerate((pr.lora_A_gate, pr.lora_A_up)):
+        expected[:, side, :, :rank] = SCALING * torch.einsum("md,erd->mer", pr.x_lora.double(),
+                                                             a.double())
+    assert_close(got, expected.flatten(1), dtype, "a_gu")
+    assert torch.equal(got.view(tokens, 2, experts, padded)[..., rank:],
+                       torch.zeros(tokens, 2, experts, padded - rank, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype,tokens", [(torch.float32, 33), (torch.bfloat16, 7)])
@@ -272,14 +278,22 @@ def test_down_alone(dtype, tokens):
     assert_close(y, expected, dtype, "y")
 
 
-def test_layout_is_the_transposed_factors():
-    pr = make_problem(1, 8, 12, 3, 2, 1, torch.float32)
+@pytest.mark.parametrize("rank,padded", [(2, 2), (3, 4)])
+def test_layout_is_the_transposed_padded_factors(rank, padded):
+    pr = make_problem(1, 8, 12, 3, rank, 1, torch.float32)
     lora = pr.lora()
-    assert torch.equal(lora.a_in[0], pr.lora_A_gate) and torch.equal(lora.a_in[1], pr.lora_A_up)
-    assert torch.equal(lora.b_gate, pr.lora_B_gate.transpose(1, 2))
+    assert lora.a_in.shape == (2, 3, padded, 8) and lora.b_gate.shape == (3, padded, 12)
+    assert torch.equal(lora.a_in[0, :, :rank], pr.lora_A_gate)
+    assert torch.equal(lora.a_in[1, :, :rank], pr.lora_A_up)
+    assert torch.equal(lora.b_gate[:, :rank], pr.lora_B_gate.transpose(1, 2))
+    assert torch.equal(lora.b_up[:, :rank], pr.lora_B_up.transpose(1, 2))
+    assert torch.equal(lora.a_down[:, :rank], pr.lora_A_down)
     assert torch.equal(lora.b_down, pr.lora_B_down.transpose(1, 2))
+    padding = [lora.a_in[:, :, rank:], lora.b_gate[:, rank:], lora.b_up[:, rank:],
+               lora.a_down[:, rank:]]
+    assert all(not t.any() for t in padding)
     assert all(t.is_contiguous() for t in lora if isinstance(t, torch.Tensor))
-    assert (lora.num_experts, lora.rank) == (3, 2)
+    assert (lora.num_experts, lora.rank) == (3, rank)
 
 
 # ---------------------------------------------------------------------------------------------

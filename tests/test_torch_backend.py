@@ -252,12 +252,12 @@ def test_bf16_autocast_error_within_reference_error(plan, recompute):
              (got[0].router_probs, ref[0].router_probs, exact[0].router_probs)]
     pairs += [(got[1][n], ref[1][n], exact[1][n]) for n in exact[1]]
     for fast, slow, truth in pairs:
-        # The torch path keeps more in fp32 than the reference does under autocast (rank-r
-        # activations, the mixing sum, the GRU), so its error vs fp64 is typically 0.4-1.1×
-        # the reference's own bf16 error (measured over seeds); 2× plus a floor of a few bf16
-        # ulps (2^-8 ≈ 4e-3) leaves room for rounding-order luck without hiding a real bug,
-        # which shows up as O(1) relative error.
-        assert err(fast, truth) <= 2.0 * err(slow, truth) + 1e-2
+        # Both round every GEMM operand and output to bf16, so both land near 1e-2 relative
+        # (norm) error here; the torch path keeps a little more in fp32 (rank-r activations,
+        # the GRU gates), and measures 0.7-1.2× the reference's own bf16 error across the
+        # output, probabilities and all 15 gradients. 1.5× plus half a bf16 ulp (2e-3) leaves
+        # room for rounding-order luck; a real bug (a wrong term or scale) shows up as O(1).
+        assert err(fast, truth) <= 1.5 * err(slow, truth) + 2e-3
         assert err(fast, truth) < 0.05
 
 
@@ -433,8 +433,9 @@ def test_saved_for_backward_is_small(plan):
     rec = saved_bytes(graphmoe_torch, layer, x, opt, expert_plan=plan)
     keep = saved_bytes(graphmoe_torch, layer, x,
                        dataclasses.replace(opt, recompute_intermediates=False), expert_plan=plan)
-    # Structural, so robust at any shape: recomputation keeps nothing D'-wide (measured 0.07×
-    # here, 0.036× at cpu-small); keeping (G, U) adds 2·D' per token and round (0.20× there).
+    # Structural, so robust at any shape: recomputation keeps nothing D'-wide (measured 0.06×
+    # here, 0.036× at cpu-small); keeping (G, U) adds 2·D' per token and round (0.22× here,
+    # 0.20× at cpu-small).
     assert rec <= 0.1 * ref
     assert rec < keep <= 0.35 * ref
 
@@ -491,4 +492,6 @@ def _bench(reps: int = 5, threads: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    _bench()
+    import sys
+
+    _bench(threads=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
