@@ -124,7 +124,12 @@ def machine_info(ctx: BenchContext) -> dict[str, Any]:
         "budget_s": ctx.budget_s,
         "min_rounds": ctx.min_rounds,
         "max_rounds": ctx.max_rounds,
+        "cpu_count": os.cpu_count(),
     }
+    if hasattr(os, "getloadavg"):
+        # Read when the JSON is written, i.e. at the end of the run: a 5/15-minute load above
+        # the core count says other work shared the CPUs and CPU timings are unreliable.
+        info["loadavg_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
     if ctx.device.type == "cuda":
         props = torch.cuda.get_device_properties(ctx.device)
         info.update(

@@ -132,12 +132,21 @@ def section_run(res: Results) -> list[str]:
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "transformers", "cuda")
                          if m.get(k))
     commit_id = (commit.get("id") or "?")[:10] + (" (dirty)" if commit.get("dirty") else "")
+    load = m.get("loadavg_1_5_15min")
+    cpus = m.get("cpu_count") or mi.get("cpu", {}).get("count")
+    load_line = []
+    if load and cpus:
+        busy = max(load[1], load[2]) > cpus
+        load_line = [f"- CPU load average at the end (1/5/15 min): {load[0]}/{load[1]}/{load[2]} "
+                     f"on {cpus} CPUs" + (" — **the machine was shared: CPU timings and their "
+                                          "ratios are unreliable**" if busy else "")]
     return [
         f"- date: {data.get('datetime', '?')}; machine: {mi.get('node', '?')}, {device}",
         f"- shape `{s.get('name', '?')}`: {shape}",
         f"- {versions}; commit {commit_id}",
         f"- timing: median of the timed rounds (warm-up excluded; about {m.get('budget_s', '?')} s "
         f"per benchmark, {m.get('min_rounds', '?')}–{m.get('max_rounds', '?')} rounds)",
+        *load_line,
     ]
 
 

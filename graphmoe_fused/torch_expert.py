@@ -16,15 +16,17 @@ Two plans implement them; :func:`choose_expert_plan` picks one.
 
 ``MaskedPlan`` (pairs slot-major, shape ``(k, M)``): one dense product against *all* experts'
 factors, ``[M, n·r']`` against ``[n·r', w]``, with the blocks of unchosen experts zeroed. It does
-``n`` times the rank-r FLOPs, but with ``n·r ≤ ~256`` all experts' factors fit one tensor-core
-tile (DESIGN §2), so the masked GEMM costs about what a single-expert one would; it needs no
-sort, no gathers of ``D'``-wide rows, and the base add fuses into ``addmm``.
+``n`` times the rank-r FLOPs, but on a GPU with ``n·r ≤ ~256`` all experts' factors fit one
+tensor-core tile (DESIGN §2), so the masked GEMM costs about what a single-expert one would; it
+needs no sort, no gathers of ``D'``-wide rows, and the base add fuses into ``addmm``. A CPU has
+no such tile and pays the n-fold FLOPs, so there it is kept for tiny ``n·r`` only.
 
 ``GroupedPlan`` (pairs sorted by expert, shape ``(P,)``): ``torch._grouped_mm`` over contiguous
 per-expert segments whose offsets are computed on device (a cumsum, no sync). It does exactly
 the useful FLOPs but pays a sort and gathers/scatters of ``D'``-wide rows; it wins once ``n·r``
-outgrows a tile. A *gather* of per-token factors (``[M, D', r]``) is never an option: it moves
-``D'·r`` values per pair where the products above move ``D'``.
+outgrows a tile (GPU) or from ``n·r ≈ 32`` (CPU). A *gather* of per-token factors
+(``[M, D', r]``) is never an option: it moves ``D'·r`` values per pair where the products
+above move ``D'``.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ import torch
 # Largest n·r for which the masked plan is chosen. On a GPU all experts' rank-r columns fit one
 # tensor-core tile up to ~256 (DESIGN §2), so the n-fold FLOPs are nearly free. A CPU has no
 # such tile: the masked products cost n·r·D' FLOPs per pair, compute-bound, while the grouped
-# ones (r ≤ ~32) are memory-bound, about one pass over the D'-wide rows plus a gather of the
-# shared G/U rows. Measured at the cpu-small shape (d=1024, D'=2816, k=2, 1024 tokens, fp32,
-# forward+backward, one thread): n·r=32 masked 6% faster; 64 a tie; 128 grouped ~10-15%
-# faster; 256 grouped 30% faster.
+# ones (r ≤ ~32) are memory-bound, about one pass over the D'-wide rows. Measured at the
+# cpu-small shape (d=1024, D'=2816, k=2, 1024 tokens, fp32, forward+backward, one thread, CPU
+# time): n·r = 32 a tie within noise (grouped 4% faster at n=2, r=16 and at n=4, r=8), so the
+# simpler masked plan keeps it; 64: grouped 2-4% faster; 128: 20-25%; 256: 30%.
 GPU_MASKED_MAX_COLUMNS = 256
-CPU_MASKED_MAX_COLUMNS = 64
+CPU_MASKED_MAX_COLUMNS = 32
 
 
 class MaskedPlan:

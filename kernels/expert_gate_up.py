@@ -16,35 +16,39 @@ K-steps of the base GEMM.
 Two launches:
 
 1. ``_lora_in_kernel``: ``a_gu = c · x_lora · [A_G; A_U]^T`` for *all* ``n`` experts
-   (``[M, 2·n·r]``, fp32 accumulation, stored in x's dtype: the rounding it would get anyway as a
+   (``[M, 2·n·R]``, fp32 accumulation, stored in x's dtype: the rounding it gets anyway as a
    tensor-core operand). That is ``n/k`` times the FLOPs of gathering only the chosen experts, but
    it is a plain dense GEMM (no gather, no sort), and at LLaMA-3-8B shapes it is < 1 % of the base
    gate/up work; folding it into the main kernel instead would redo it once per ``D'`` tile
    (112 times at D' = 14336).
 2. ``_expert_gate_up_kernel``: a ``[BLOCK_M, BLOCK_N]`` tile of ``D'`` per program; the K-loop over
    ``d`` loads each ``x`` tile once for both base products. The epilogue adds each slot's LoRA delta
-   as a *masked dense* product ``a_masked [BLOCK_M, n·r] @ B_cat^T [n·r, BLOCK_N]``: ``a_masked``
-   is ``a_gu`` loaded with a mask that keeps only block ``e_j`` of each row (``r`` contiguous
+   as a *masked dense* product ``a_masked [BLOCK_M, n·R] @ B_cat^T [n·R, BLOCK_N]``: ``a_masked``
+   is ``a_gu`` loaded with a mask that keeps only block ``e_j`` of each row (``R`` contiguous
    values; the rest reads as zero). Every token may pick a different expert; this keeps the
-   per-token choice on tensor cores without sorting tokens by expert. The down LoRA's input uses
-   the same trick on the output side: ``dropout(h_j) [BLOCK_M, BLOCK_N] @ A_D_cat^T
-   [BLOCK_N, n·r]``, of which block ``e_j``, times ``w_j``, is added with ``tl.atomic_add`` into
-   the zeroed fp32 ``a_mix``. A program holds only its ``BLOCK_N`` slice of ``D'``, so the
+   per-token choice on tensor cores without sorting tokens by expert. Slot ``j`` updates slot
+   ``j-1``'s gate and up in place with ``(a_j - a_{j-1})`` (linearity), so the base accumulators
+   are never copied. The down LoRA's input uses the same trick on the output side:
+   ``dropout(h_j) [BLOCK_M, BLOCK_N] @ A_D_cat^T [BLOCK_N, n·R]``, of which block ``e_j`` is kept
+   (a ``[BLOCK_M, R]`` tile), weighted by ``w_j`` and added with one ``tl.atomic_add`` into the
+   zeroed fp32 ``a_mix``. A program holds only its ``BLOCK_N`` slice of ``D'``, so the
    ``D'/BLOCK_N`` partial products must meet somewhere: the atomics add ``k·r`` floats per token
    per tile in L2, where per-tile partials would need ``D'/BLOCK_N`` times the memory plus a
    reduction pass. The fp32 summation order then varies between runs: ``a_mix`` is deterministic
-   only to fp32 rounding. Both masked-dense products walk the ``n·r`` columns in chunks of
-   ``LORA_CHUNK``, so the epilogue's register footprint does not grow with ``n·r``.
+   only to fp32 rounding. Both masked-dense products walk the ``n·R`` columns in chunks of whole
+   expert blocks (``LORA_CHUNK`` columns, or ``R`` if larger), so the epilogue's register
+   footprint does not grow with ``n·r``.
 
 The masked dense products cost ``n·r`` instead of ``r`` MACs per slot and output element: cheap
-while ``n·r`` is small (6 % of the base work at n·r = 128, d = 4096). Past
+while ``n·r`` is small (9 % of the base gate/up work at n·r = 128, k = 2, d = 4096). Past
 ``MAX_MASKED_DENSE_COLS`` the public functions raise ``ValueError``; a grouped (token-sorted) path,
 such as the torch backend, wins there.
 
-Layouts: the kernels read every LoRA factor as a row-major ``[n·r, ·]`` matrix whose long dimension
-is contiguous (``B`` transposed), so each weight tile is a vectorised 2-D load.
-:func:`expert_lora_layout` builds them (a few MB of copies; the triton backend builds them once per
-forward for all rounds).
+Layouts: the kernels read every LoRA factor as a row-major ``[n·R, ·]`` matrix whose long dimension
+is contiguous (``B`` transposed), with the rank padded to a power of two ``R`` (zero rows; no
+padding for the usual power-of-two ranks), so each weight tile is a vectorised 2-D load and a
+chunk holds whole expert blocks. :func:`expert_lora_layout` builds them (a few MB of copies; the
+triton backend builds them once per forward for all rounds).
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ from .utils import (
 INTERPRET = is_interpreter()
 
 # The masked-dense products cost n·r MACs per slot and output element where a grouped product
-# would cost r: at n·r = 256 that is ~12 % of the base gate/up work at d = 4096 (DESIGN §2).
+# would cost r: at n·r = 256, k = 2 that is ~19 % of the base gate/up work at d = 4096, past
+# which a grouped product wins (DESIGN §2).
 MAX_MASKED_DENSE_COLS = 256
 
 
@@ -179,8 +184,10 @@ def expert_lora_layout(
         lora_A_gate, lora_A_up: ``[n, r, d]``; lora_B_gate, lora_B_up: ``[n, D', r]``;
         lora_A_down: ``[n, r, D']``; lora_B_down: ``[n, d, r]``.
     Returns:
-        An :class:`ExpertLoRA`, detached: a copy of about ``n·r·(3d + 3D')`` elements, not a
-        view, so build it again whenever the factors change (every forward, in training).
+        An :class:`ExpertLoRA`, detached from autograd. The transposed (and any padded) factors
+        are copies, about ``n·r·(3d + 2D')`` elements; ``a_down`` shares ``lora_A_down``'s
+        storage when no padding is needed. Build it again whenever the factors change (every
+        forward, in training).
     Raises:
         TypeError / ValueError: on inconsistent shapes, dtypes or devices, or when ``n·r`` is
         past the masked-dense limit.

@@ -25,19 +25,10 @@ from graphmoe_fused.torch_expert import (
     grouped_supported,
 )
 from tests.helpers import make_layer, randomize_
+from tests.single_thread import one_cpu_thread  # noqa: F401  (tiny shapes: one thread)
 
 PLANS = ("masked", "grouped")
 GRU_OPTIONS = [("y", "sigmoid"), ("x", "tanh"), ("y", "tanh"), ("x", "sigmoid")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The shapes here are tiny: threads only add contention on a shared 2-core machine
-    (measured: 17 s for this file with one thread, 130 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(backend, layer: gm.GraphMoEMLP, x: torch.Tensor, opt: RoundOptions, seed: int = 1,

@@ -158,8 +158,12 @@ def test_backward_fp32_matches_reference(rounds, dropout, with_aux):
             assert got is None or not got.any(), name
             continue
         assert got is not None, name
+        # fp32 through different algebra (and CPU reductions whose order varies with the
+        # threads): ~1e-6 relative in norm; a wrong gradient is off by O(1).
+        rel = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert rel <= 1e-4, f"grad of {name}: relative error {rel:.2e}"
         scale = want.abs().max().item()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1e-6),
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * max(scale, 1e-6),
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
     # The router gets a gradient only through router_probs (the aux loss) and the weights.
     assert g_tri["router.weight"].abs().max() > 0
