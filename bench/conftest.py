@@ -74,6 +74,7 @@ def _context(config: pytest.Config) -> BenchContext:
         min_rounds=int(_option(config, "--bench-min-rounds") or 3),
         max_rounds=int(_option(config, "--bench-max-rounds") or 50),
         dropout=float(_option(config, "--bench-dropout") or 0.0),
+        loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
     config._graphmoe_bench_ctx = ctx
     return ctx

@@ -47,6 +47,7 @@ class BenchContext:
     max_rounds: int
     dropout: float
     seed: int = 0
+    loadavg_start: tuple[float, float, float] | None = None  # os.getloadavg() at session start
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,9 +128,11 @@ def machine_info(ctx: BenchContext) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
     }
     if hasattr(os, "getloadavg"):
-        # Read when the JSON is written, i.e. at the end of the run: a 5/15-minute load above
-        # the core count says other work shared the CPUs and CPU timings are unreliable.
-        info["loadavg_1_5_15min"] = [round(v, 2) for v in os.getloadavg()]
+        # Other work on the CPUs makes CPU timings unreliable; the load average at the start and
+        # when the JSON is written (the end) lets the report say so.
+        if ctx.loadavg_start is not None:
+            info["loadavg_start"] = [round(v, 2) for v in ctx.loadavg_start]
+        info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     if ctx.device.type == "cuda":
         props = torch.cuda.get_device_properties(ctx.device)
         info.update(

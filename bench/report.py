@@ -132,14 +132,20 @@ def section_run(res: Results) -> list[str]:
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "transformers", "cuda")
                          if m.get(k))
     commit_id = (commit.get("id") or "?")[:10] + (" (dirty)" if commit.get("dirty") else "")
-    load = m.get("loadavg_1_5_15min")
-    cpus = m.get("cpu_count") or mi.get("cpu", {}).get("count")
     load_line = []
-    if load and cpus:
-        busy = max(load[1], load[2]) > cpus
-        load_line = [f"- CPU load average at the end (1/5/15 min): {load[0]}/{load[1]}/{load[2]} "
-                     f"on {cpus} CPUs" + (" — **the machine was shared: CPU timings and their "
-                                          "ratios are unreliable**" if busy else "")]
+    start, end = m.get("loadavg_start"), m.get("loadavg_end")
+    if m.get("device") == "cpu" and end:
+        # The run keeps about torch_num_threads CPUs busy (and a back-to-back previous run
+        # leaves as much in the 1-minute average at the start); clearly more than that means
+        # other work shared the CPUs. A heuristic: short bursts of other work go unnoticed.
+        own = m.get("torch_num_threads") or 1
+        busy = max(end[0], start[0] if start else 0.0) > own + 0.75
+        load_line = [
+            f"- CPU load average (1 min) at start {start[0] if start else '?'}, at end {end[0]} "
+            f"(this run keeps ≈ {own} busy)" + (
+                " — **other work shared the CPUs: timings and their ratios are unreliable**"
+                if busy else "")
+        ]
     return [
         f"- date: {data.get('datetime', '?')}; machine: {mi.get('node', '?')}, {device}",
         f"- shape `{s.get('name', '?')}`: {shape}",

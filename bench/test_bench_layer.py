@@ -65,7 +65,7 @@ def test_rounds(benchmark: Any, ctx: BenchContext, backend: str, rounds: int) ->
     """Inference latency at T = 1..5 (same weights for every T); the report divides by T = 1.
 
     The reference backend is included on every device: at cpu-small a T = 5 reference forward
-    takes about 1.5 s on two cores, so the whole sweep stays under half a minute.
+    takes about 2 s on two cores, so the whole sweep takes about half a minute.
     """
     skip_unless_backend(backend, ctx.device)
     layer = build_layer(ctx, backend, num_rounds=rounds)

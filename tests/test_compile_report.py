@@ -7,20 +7,14 @@ session when there is no GPU) replaces, so the report runs once, in a subprocess
 variable; the specs are collected here only for their names and counts.
 """
 
+import json
 import os
+import subprocess
+import sys
+from dataclasses import asdict
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-
-import pytest  # noqa: E402
-from graphmoe_fused.kernels.compile_report import (  # noqa: E402
+import pytest
+from graphmoe_fused.kernels.compile_report import (
     DEFAULT_ARCHS,
     SHARED_LIMIT,
     CompileResult,

@@ -11,26 +11,21 @@ span several blocks with ragged edges; bf16 goes through the interpreter workaro
 the bf16 values, round-to-nearest casts: ``kernels.utils.interpreter_bf16``).
 """
 
-import os
 
+from typing import NamedTuple
+
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from typing import NamedTuple  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from graphmoe_fused.kernels.expert_down import expert_down  # noqa: E402
-from graphmoe_fused.kernels.expert_gate_up import (  # noqa: E402
+import torch.nn.functional as F
+from graphmoe_fused.kernels.expert_down import expert_down
+from graphmoe_fused.kernels.expert_gate_up import (
     MAX_MASKED_DENSE_COLS,
     ExpertLoRA,
     expert_gate_up,
     expert_lora_in,
     expert_lora_layout,
 )
-from graphmoe_fused.kernels.utils import POISON_ENV  # noqa: E402
+from graphmoe_fused.kernels.utils import POISON_ENV
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (rtol, atol as a fraction of the reference's largest magnitude)

@@ -5,29 +5,24 @@ tightly; fp16/bf16 within two ulps of the output's largest magnitude, and never 
 ulp worse than the reference itself evaluated in that dtype (which rounds after every op).
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1``, which ``triton.jit`` reads at
-decoration time: it is set here, before anything imports triton (tests/conftest.py does the
-same for the whole session).
+decoration time: tests/conftest.py sets it for the session before any test module imports
+triton.
 """
 
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-from graphmoe_fused.kernels.lowrank_gru import (  # noqa: E402
+import torch.nn.functional as F
+import triton
+from graphmoe_fused.kernels.lowrank_gru import (
     _launch_lowrank_gru,
     _pack_gate_weights,
     _pack_projection,
     fused_lowrank_gru,
 )
-from graphmoe_fused.kernels.utils import POISON_ENV  # noqa: E402
+from graphmoe_fused.kernels.utils import POISON_ENV
 
-from graphmoe_fused.gru import lowrank_gru_reference  # noqa: E402
+from graphmoe_fused.gru import lowrank_gru_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -2,28 +2,23 @@
 top-k): probabilities, renormalised weights, lowest-index tie-breaking, block shapes, checks.
 
 Without a GPU the kernel runs under ``TRITON_INTERPRET=1``, which ``triton.jit`` reads at
-decoration time: it is set here, before anything imports triton (tests/conftest.py does the
-same for the whole session).
+decoration time: tests/conftest.py sets it for the session before any test module imports
+triton.
 """
 
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-from graphmoe_fused.kernels.routing import (  # noqa: E402
+import torch.nn.functional as F
+import triton
+from graphmoe_fused.kernels.routing import (
     MAX_EXPERTS,
     _launch_router_topk,
     fused_router_topk,
 )
-from graphmoe_fused.kernels.utils import POISON_ENV, new_output  # noqa: E402
+from graphmoe_fused.kernels.utils import POISON_ENV, new_output
 
-from graphmoe_fused.routing import router_probabilities, select_experts  # noqa: E402
+from graphmoe_fused.routing import router_probabilities, select_experts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
