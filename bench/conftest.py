@@ -45,6 +45,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="LoRA dropout of the benchmarked layers (default 0: every backend does the same "
              "work; the paper trains with 0.05)",
     )
+    group.addoption(
+        "--bench-keep-intermediates", action="store_true", default=None,
+        help="build layers with recompute_intermediates=False (save the base gate/up products "
+             "for backward instead of recomputing them: more memory, fewer GEMMs)",
+    )
 
 
 def _option(config: pytest.Config, name: str, env: str | None = None) -> Any:
@@ -74,6 +79,7 @@ def _context(config: pytest.Config) -> BenchContext:
         min_rounds=int(_option(config, "--bench-min-rounds") or 3),
         max_rounds=int(_option(config, "--bench-max-rounds") or 50),
         dropout=float(_option(config, "--bench-dropout") or 0.0),
+        recompute_intermediates=not _option(config, "--bench-keep-intermediates"),
         loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
     config._graphmoe_bench_ctx = ctx

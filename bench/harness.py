@@ -46,6 +46,7 @@ class BenchContext:
     min_rounds: int
     max_rounds: int
     dropout: float
+    recompute_intermediates: bool = True  # GraphMoEConfig's memory/speed switch
     seed: int = 0
     loadavg_start: tuple[float, float, float] | None = None  # os.getloadavg() at session start
 
@@ -62,6 +63,7 @@ class BenchContext:
             "dtype": str(self.dtype).removeprefix("torch."),
             "tokens": self.shape.tokens,
             "lora_dropout": self.dropout,
+            "recompute_intermediates": self.recompute_intermediates,
             **extra,
         }
 
@@ -123,6 +125,7 @@ def machine_info(ctx: BenchContext) -> dict[str, Any]:
         "device": str(ctx.device),
         "shape": ctx.shape.as_info(),
         "budget_s": ctx.budget_s,
+        "recompute_intermediates": ctx.recompute_intermediates,
         "min_rounds": ctx.min_rounds,
         "max_rounds": ctx.max_rounds,
         "cpu_count": os.cpu_count(),
@@ -176,6 +179,7 @@ def build_layer(ctx: BenchContext, backend: str, num_rounds: int | None = None) 
         num_rounds=num_rounds or s.num_rounds,
         gru_hidden_ratio=s.gru_hidden_ratio,
         backend=backend,
+        recompute_intermediates=ctx.recompute_intermediates,
     )
     layer = gm.GraphMoEMLP(s.d, s.intermediate, cfg, device=ctx.device, dtype=ctx.dtype)
     if layer.gru.gru_hidden_size != s.dh:

@@ -149,6 +149,7 @@ def section_run(res: Results) -> list[str]:
     return [
         f"- date: {data.get('datetime', '?')}; machine: {mi.get('node', '?')}, {device}",
         f"- shape `{s.get('name', '?')}`: {shape}",
+        f"- layers built with recompute_intermediates={m.get('recompute_intermediates', True)}",
         f"- {versions}; commit {commit_id}",
         f"- timing: median of the timed rounds (warm-up excluded; about {m.get('budget_s', '?')} s "
         f"per benchmark, {m.get('min_rounds', '?')}–{m.get('max_rounds', '?')} rounds)",

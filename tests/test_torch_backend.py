@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
-import time
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from graphmoe_fused.torch_expert import (
     choose_expert_plan,
     grouped_supported,
 )
-from tests.helpers import make_layer, randomize_
+from tests.helpers import make_layer
 from tests.single_thread import one_cpu_thread  # noqa: F401  (tiny shapes: one thread)
 
 PLANS = ("masked", "grouped")
@@ -429,60 +427,3 @@ def test_saved_for_backward_is_small(plan):
     # 0.20× at cpu-small).
     assert rec <= 0.1 * ref
     assert rec < keep <= 0.35 * ref
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing sanity check at the cpu-small shape (not a test: python -m tests.test_torch_backend).
-
-
-def _bench(reps: int = 5, threads: int = 1) -> None:
-    torch.set_num_threads(threads)
-    d, dff, n, k, r, rounds, tokens = 1024, 2816, 8, 2, 16, 3, 1024
-    cfg = gm.GraphMoEConfig(num_experts=n, top_k=k, lora_r=r, num_rounds=rounds,
-                            lora_dropout=0.0)
-    layer = randomize_(gm.GraphMoEMLP(d, dff, cfg))
-    p = layer.params()
-    x0, gy = torch.randn(tokens, d), torch.randn(tokens, d)
-    opt = layer.round_options()
-    keep = dataclasses.replace(opt, recompute_intermediates=False)
-
-    def moe(backend, o, **kw):
-        x = x0.clone().requires_grad_()
-        backend(x, p, o, **kw).y.backward(gy)
-
-    def dense():
-        x = x0.clone().requires_grad_()
-        for _ in range(rounds):
-            h = torch.nn.functional.silu(x @ p.gate_weight.t()) * (x @ p.up_weight.t())
-            (h @ p.down_weight.t()).backward(gy)
-
-    runs = {
-        "T x dense": dense,
-        "reference": lambda: moe(graphmoe_reference, opt),
-        "torch": lambda: moe(graphmoe_torch, opt),
-        "torch masked": lambda: moe(graphmoe_torch, opt, expert_plan="masked"),
-        "torch no-recompute": lambda: moe(graphmoe_torch, keep),
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(reps):  # interleaved, CPU time: other processes share these cores
-        for name, fn in runs.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    for name in runs:
-        print(f"{name:20s} {1e3 * med[name]:8.1f} ms   x dense {med[name] / med['T x dense']:.2f}"
-              f"   reference / this {med['reference'] / med[name]:.2f}")
-    ref = saved_bytes(graphmoe_reference, layer, x0, opt)
-    for name, o in (("torch", opt), ("torch no-recompute", keep)):
-        b = saved_bytes(graphmoe_torch, layer, x0, o)
-        print(f"saved for backward, {name}: {b / tokens / 1024:.1f} KiB/token "
-              f"= {b / ref:.3f} x reference ({ref / tokens / 1024:.1f} KiB/token)")
-
-
-if __name__ == "__main__":
-    import sys
-
-    _bench(threads=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
