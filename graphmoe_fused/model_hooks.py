@@ -95,17 +95,25 @@ class _ModuleHooks:
 
     def __init__(self, state: RoutingHooks, owns_loss: bool) -> None:
         self.state, self.owns_loss = state, owns_loss
+        self._signature: inspect.Signature | None = None
+        self._signature_known = False
+
+    def _forward_signature(self, module: nn.Module) -> inspect.Signature | None:
+        # Looked up once: the forward's signature does not change between calls.
+        if not self._signature_known:
+            try:
+                self._signature = inspect.signature(module.forward)
+            except (TypeError, ValueError):
+                self._signature = None
+            self._signature_known = True
+        return self._signature
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
         state.depth += 1
         if state.depth > 1:
             return None
-        try:
-            signature = inspect.signature(module.forward)
-        except (TypeError, ValueError):
-            signature = None
-        named = _bind(signature, args, kwargs)
+        named = _bind(self._forward_signature(module), args, kwargs)
         labels_given = self.owns_loss and named.get("labels") is not None
         scale, loss_grad = 0.0, None
         if labels_given and torch.is_grad_enabled() and state.coef > 0:
