@@ -4,7 +4,11 @@ The top-level ``kernels/`` folder installs as ``graphmoe_fused.kernels``: PyPI a
 package called ``kernels``, so it must never become a top-level module.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+PACKAGES = ["graphmoe_fused", *(f"graphmoe_fused.{p}" for p in find_packages("graphmoe_fused"))]
+KERNEL_PACKAGES = ["graphmoe_fused.kernels",
+                   *(f"graphmoe_fused.kernels.{p}" for p in find_packages("kernels"))]
 
 setup(
     name="graphmoe_fused",
@@ -13,16 +17,22 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["graphmoe_fused", "graphmoe_fused.kernels"],
+    packages=PACKAGES + KERNEL_PACKAGES,
     package_dir={"graphmoe_fused": "graphmoe_fused", "graphmoe_fused.kernels": "kernels"},
     install_requires=[
         "torch>=2.11,<2.14",
-        "triton>=3.6,<3.10",
+        # Triton publishes Linux wheels only; elsewhere the torch backend runs without it.
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
         "transformers>=5.17,<5.25",
         "einops>=0.8",
         "tqdm",
         "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "ruff"]},
-    entry_points={"console_scripts": ["graphmoe-demo=graphmoe_fused.cli:main"]},
+    extras_require={
+        # HF Trainer needs accelerate; the layer and a hand-written loop do not.
+        "train": ["accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13",
+                 "accelerate>=1.0", "ruff"],
+    },
+    entry_points={"console_scripts": ["graphmoe-demo=graphmoe_fused.cli.main:main"]},
 )

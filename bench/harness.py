@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphmoe_fused as gm
-from graphmoe_fused.layer import get_backend
+from graphmoe_fused.backends import get_backend
 
 from .shapes import BenchShape
 

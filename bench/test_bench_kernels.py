@@ -35,8 +35,8 @@ from bench.harness import (
     synchronize,
     triton_runnable,
 )
-from graphmoe_fused.gru import lowrank_gru_reference
-from graphmoe_fused.routing import router_probabilities, select_experts
+from graphmoe_fused.backends.reference import lowrank_gru_step as lowrank_gru_reference
+from graphmoe_fused.backends.torch.routing import router_probabilities, select_experts
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -84,7 +84,7 @@ def _gru_case(ctx: BenchContext, mode: str) -> tuple[gm.LowRankGRU, list[torch.T
 def test_gru_cell(benchmark: Any, ctx: BenchContext, impl: str, mode: str) -> None:
     """One GRU step and the residual into the next round: ``h' = GRU(h, y)``, ``x + W_g h'``.
 
-    ``reference``: ``graphmoe_fused.gru.lowrank_gru_reference`` under autograd (what the
+    ``reference``: ``graphmoe_fused.backends.reference.lowrank_gru_step`` under autograd (what the
     reference backend runs). ``torch``: the torch backend's own step
     (``graphmoe_fused.torch_gru``: fp32 state, its hand-written backward that recomputes the
     gates), weights prepared once outside the timing as the backend does per call.
@@ -105,7 +105,7 @@ def test_gru_cell(benchmark: Any, ctx: BenchContext, impl: str, mode: str) -> No
             pytest.skip("the fused Triton GRU needs a CUDA device (or TRITON_INTERPRET=1)")
         if mode == "fwd_bwd":
             pytest.skip("kernels.lowrank_gru.fused_lowrank_gru is forward-only")
-        module = import_optional("graphmoe_fused.kernels.lowrank_gru", "fused Triton GRU")
+        module = import_optional("graphmoe_fused.kernels.gru", "fused Triton GRU")
 
         def fused() -> tuple[torch.Tensor, torch.Tensor]:
             return module.fused_lowrank_gru(h, y, x, gru.weight_z, gru.weight_r, gru.weight_o,
@@ -121,7 +121,7 @@ def _torch_gru_step(ctx: BenchContext, gru: gm.LowRankGRU, h: torch.Tensor, y: t
                     x: torch.Tensor, grads: tuple[torch.Tensor, ...] | None) -> Step:
     """The torch backend's GRU work for one non-final round, forward and (for fwd_bwd) the
     backward it runs inside its autograd Function (no autograd graph of its own)."""
-    torch_gru = import_optional("graphmoe_fused.torch_gru", "torch backend GRU")
+    torch_gru = import_optional("graphmoe_fused.backends.torch.gru", "torch backend GRU")
     cd = ctx.dtype
     acc = torch.promote_types(cd, torch.float32)
     with torch.no_grad():
@@ -159,8 +159,8 @@ def test_triton_expert_kernel(benchmark: Any, ctx: BenchContext, kernel: str) ->
         pytest.skip("Triton expert kernels need a CUDA device (or TRITON_INTERPRET=1)")
     what = "Triton round kernels"
     routing = import_optional("graphmoe_fused.kernels.routing", what)
-    gate_up = import_optional("graphmoe_fused.kernels.expert_gate_up", what)
-    down = import_optional("graphmoe_fused.kernels.expert_down", what)
+    gate_up = import_optional("graphmoe_fused.kernels.expert", what)
+    down = import_optional("graphmoe_fused.kernels.expert", what)
     s = ctx.shape
     layer = build_layer(ctx, "reference", num_rounds=1)
     p = layer.params()

@@ -1,15 +1,11 @@
 """graphmoe_fused: GraphMoE (recurrent LoRA mixture-of-experts) layers with fused Triton kernels."""
 
-__version__ = "0.1.0"  # before the imports: adapters.py records it in saved files
-
-from .adapters import load_adapter, load_adapter_config, save_adapter  # noqa: E402
-from .config import GraphMoEConfig  # noqa: E402
-from .gru import LowRankGRU  # noqa: E402
-from .hf import apply_graphmoe, find_decoder_layers, graphmoe_layers  # noqa: E402
-from .layer import GraphMoEMLP  # noqa: E402
-from .lora import LoRALinear  # noqa: E402
-from .params import GraphMoEParams, RoundOptions, RoutedOutput  # noqa: E402
-from .stats import (  # noqa: E402
+from .backends.contract import GraphMoEParams, RoundOptions, RoutedOutput
+from .config import GraphMoEConfig
+from .hf.adapters import load_adapter, load_adapter_config, save_adapter
+from .hf.attention_lora import LoRALinear
+from .hf.convert import apply_graphmoe, find_decoder_layers, graphmoe_layers
+from .hf.stats import (
     ParameterReport,
     count_parameters,
     parameter_report,
@@ -17,6 +13,9 @@ from .stats import (  # noqa: E402
     routing_fractions,
     routing_statistics,
 )
+from .layer import GraphMoEMLP
+from .lowrank_gru import LowRankGRU
+from .version import __version__
 
 __all__ = [
     "GraphMoEConfig",
@@ -27,6 +26,7 @@ __all__ = [
     "ParameterReport",
     "RoundOptions",
     "RoutedOutput",
+    "__version__",
     "apply_graphmoe",
     "count_parameters",
     "find_decoder_layers",

@@ -1,59 +1,26 @@
 """`GraphMoEMLP`: the drop-in replacement of a LLaMA-style MLP.
 
 The module holds parameters and bookkeeping only; the maths lives in the backends
-(``reference``, ``torch``, ``triton``), which share the contract of ``graphmoe_fused.params``.
+(``reference``, ``torch``, ``triton``), which share the contract of ``backends.contract``.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .aux_loss import (
-    AuxLossGradInjector,
-    RoutingRecorder,
-    expert_selection_counts,
-    load_balancing_loss,
-)
+from .backends import get_backend, resolve_backend
+from .backends.contract import GraphMoEParams, RoundOptions
 from .config import GraphMoEConfig
-from .gru import LowRankGRU
-from .params import GraphMoEParams, RoundOptions, RoutedOutput
-
-Backend = Callable[[torch.Tensor, GraphMoEParams, RoundOptions], RoutedOutput]
-
-# name -> (module, function); imported on first use so a missing backend fails only when asked for.
-_BACKENDS = {
-    "reference": ("graphmoe_fused.reference", "graphmoe_reference"),
-    "torch": ("graphmoe_fused.torch_backend", "graphmoe_torch"),
-    "triton": ("graphmoe_fused.triton_backend", "graphmoe_triton"),
-}
+from .hf.aux_loss import AuxLossGradInjector, RoutingRecorder  # TEMPORARY: moves to the HF hooks
+from .load_balancing import expert_selection_counts, load_balancing_loss
+from .lowrank_gru import LowRankGRU
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` → ``triton`` on CUDA, ``torch`` elsewhere; other names pass through."""
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return name
-
-
-def get_backend(name: str) -> Backend:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from {sorted(_BACKENDS)} or 'auto'")
-    module_name, fn_name = _BACKENDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise NotImplementedError(f"the {name!r} backend is not built yet") from err
-    return getattr(module, fn_name)
-
-
-def _is_silu(act: nn.Module | Callable) -> bool:
+def is_silu(act: nn.Module | Callable) -> bool:
     if isinstance(act, nn.SiLU):
         return True
     probe = torch.linspace(-3, 3, 7)
@@ -140,7 +107,7 @@ class GraphMoEMLP(nn.Module):
                     f"{type(mlp).__name__} is not a LLaMA-style MLP: it has no nn.Linear {name!r}"
                 )
         act = getattr(mlp, "act_fn", None)
-        if act is None or not _is_silu(act):
+        if act is None or not is_silu(act):
             raise ValueError(
                 f"{type(mlp).__name__}.act_fn is {act!r}; GraphMoEMLP needs SiLU (SwiGLU)"
             )
@@ -228,8 +195,9 @@ class GraphMoEMLP(nn.Module):
         load-balancing loss averaged over rounds (for use outside an HF model).
         """
         self._check_input(x)
-        backend_name = resolve_backend(self.config.backend, x.device)
-        backend = get_backend(backend_name)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        backend = get_backend(resolve_backend(self.config.backend, x.device, needs_grad))
         out = backend(x.reshape(-1, self.hidden_size), self.params(), self.round_options())
 
         rec = self.recorder

@@ -2,11 +2,10 @@
 registers, spills, shared memory and tensor-core instructions per autotune config.
 
     python -m graphmoe_fused.kernels.compile_report [--json PATH] [--arch 80 90] [--jobs N]
-                                                   [--modules routing lowrank_gru ...]
+                                                   [--modules routing.router_topk ...]
 
-Kernel modules register by listing ``COMPILE_SPECS`` (see ``_compile.KernelSpec``); the report
-collects them from ``DEFAULT_MODULES`` (a module that does not exist yet is skipped and named
-in the output). Each (spec, config, architecture) goes through
+Kernel modules register by listing ``COMPILE_SPECS`` (see ``compile_spec.KernelSpec``); the report
+collects them from ``DEFAULT_MODULES``. Each (spec, config, architecture) goes through
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``; registers and local
 memory (where ptxas puts spills) come from the cubin, through the ``cuobjdump
 --dump-resource-usage`` that triton ships; tensor-core instructions from the PTX (``mma.sync``,
@@ -36,9 +35,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._compile import KernelSpec
+from .compile_spec import KernelSpec
 
-DEFAULT_MODULES = ("routing", "lowrank_gru", "expert_gate_up", "expert_down")
+DEFAULT_MODULES = ("routing.router_topk", "gru.lowrank_gru", "expert.gate_up", "expert.down")
 DEFAULT_ARCHS = (80, 90)
 # Largest shared memory one block may opt into: A100 163 KB, H100 227 KB (CUDA guide, table of
 # compute-capability limits).
@@ -77,34 +76,19 @@ class CompileResult:
         )
 
 
-def _collect(modules: Iterable[str]) -> tuple[list[tuple[str, int, KernelSpec]], list[str]]:
-    entries: list[tuple[str, int, KernelSpec]] = []
-    missing: list[str] = []
+def _collect(modules: Iterable[str]) -> list[tuple[str, int, KernelSpec]]:
     package = __package__ or "graphmoe_fused.kernels"
+    entries: list[tuple[str, int, KernelSpec]] = []
     for name in modules:
         full = f"{package}.{name}"
-        try:
-            module = importlib.import_module(full)
-        except ModuleNotFoundError as err:
-            if err.name != full:
-                raise
-            missing.append(name)
-            continue
-        specs = getattr(module, "COMPILE_SPECS", [])
+        specs = getattr(importlib.import_module(full), "COMPILE_SPECS", [])
         entries.extend((full, i, spec) for i, spec in enumerate(specs))
-    return entries, missing
+    return entries
 
 
-def collect_specs(
-    modules: Iterable[str] = DEFAULT_MODULES,
-) -> tuple[list[KernelSpec], list[str]]:
-    """``COMPILE_SPECS`` of the named kernel modules (names relative to this package).
-
-    Returns the specs and the names of the modules that do not exist; a module that exists but
-    fails to import raises, so a broken kernel file cannot pass as "not written yet".
-    """
-    entries, missing = _collect(modules)
-    return [spec for _, _, spec in entries], missing
+def collect_specs(modules: Iterable[str] = DEFAULT_MODULES) -> list[KernelSpec]:
+    """``COMPILE_SPECS`` of the named kernel modules (names relative to this package)."""
+    return [spec for _, _, spec in _collect(modules)]
 
 
 def _cuobjdump() -> str:
@@ -210,18 +194,18 @@ def _compile_task(task: tuple[str, int, int, int]) -> CompileResult:
 
 def run_report(
     modules: Iterable[str] = DEFAULT_MODULES, archs: Sequence[int] = DEFAULT_ARCHS, jobs: int = 1
-) -> tuple[list[CompileResult], list[str]]:
+) -> list[CompileResult]:
     """Compiles every config of every collected spec for every architecture, in ``jobs``
     processes (compiling is single-threaded Python plus ptxas)."""
-    entries, missing = _collect(modules)
+    entries = _collect(modules)
     tasks = [(module, i, c, arch) for module, i, spec in entries
              for c in range(len(spec.configs)) for arch in archs]
     if jobs <= 1 or len(tasks) <= 1:
-        return [_compile_task(t) for t in tasks], missing
+        return [_compile_task(t) for t in tasks]
     # fork: the workers inherit the imported kernel modules instead of importing them again.
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        return list(pool.map(_compile_task, tasks)), missing
+        return list(pool.map(_compile_task, tasks))
 
 
 def format_table(results: Sequence[CompileResult]) -> str:
@@ -267,10 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # keep compiler chatter off the table
-        results, missing = run_report(args.modules, args.arch, args.jobs)
+        results = run_report(args.modules, args.arch, args.jobs)
     print(format_table(results))
-    if missing:
-        print(f"\nmodules not found (skipped): {', '.join(missing)}")
     bad = [r for r in results if not r.ok]
     print(f"\n{len(results)} compiles, {len(bad)} not ok, "
           f"{time.perf_counter() - start:.0f} s; shared limits: "
@@ -278,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         payload = {
             "shared_limit": {str(a): SHARED_LIMIT[a] for a in args.arch},
-            "missing_modules": missing,
             "results": [{**asdict(r), "ok": r.ok} for r in results],
         }
         with open(args.json, "w", encoding="utf-8") as f:

@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel files: interpreter detection, autotune keys, dot operands,
-output allocation and input checks.
+"""Helpers shared by the kernel files: interpreter detection, autotune keys and config builders,
+the jit helpers (dot operands, rounding, program order), output allocation and input checks.
 
 Nothing here imports from ``graphmoe_fused``; everything takes plain tensors.
 """
@@ -49,10 +49,6 @@ def interpreter_bf16(dtype: torch.dtype) -> bool:
     bf16 tensor-core dots and the hardware's rounding.
     """
     return dtype == torch.bfloat16 and is_interpreter()
-
-
-# Older name of ``interpreter_bf16``, kept for the kernel files that import it.
-dot_upcast = interpreter_bf16
 
 
 @triton.jit
@@ -127,3 +123,65 @@ def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.stride(-1) != 1 or tensor.stride(0) < tensor.shape[-1]:
         return tensor.contiguous()
     return tensor
+
+
+# ``triton.jit`` reads TRITON_INTERPRET when a kernel is decorated, so the config lists are
+# decided at import too: the interpreter gets one small config (no benchmarking, and several
+# blocks even at test sizes).
+INTERPRET = is_interpreter()
+
+INTERPRET_CONFIG = triton.Config(
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1
+)
+
+
+def cfg(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
+        **extra: int) -> triton.Config:
+    """A GPU autotune config (GROUP_M = 8 row tiles share the weight tiles in L2)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                          "GROUP_M": 8, **extra}, num_warps=warps, num_stages=stages)
+
+
+def prune_small_m(configs, named_args, **kwargs):
+    """``early_config_prune``: for few tokens, only row tiles that are not mostly padding."""
+    bucket = named_args["M_BUCKET"]
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, bucket)]
+    return small or list(configs)
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row tiles sweep the columns together, so the weight tiles
+    they share are still in L2 when the next row tile needs them."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+def check_like(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tensor,
+               dtype: torch.dtype | None = None) -> None:
+    """``t`` must be a tensor of ``shape`` on ``ref``'s device, of ``dtype`` when given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_shape(name, t, shape)
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}, expected {ref.device} like the input")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected {dtype}")
+
+
+def check_activation(name: str, x: torch.Tensor) -> None:
+    """The 2-D fp16/bf16/fp32 activation a kernel starts from, on a device the kernels run on."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [tokens, features], got shape {tuple(x.shape)}")
+    check_float(name, x)
+    check_device(name, x)

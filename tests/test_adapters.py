@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import graphmoe_fused as gm
-from graphmoe_fused.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict
+from graphmoe_fused.hf.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict
 
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 from .tiny_models import batch, converted, tiny_model

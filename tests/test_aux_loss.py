@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import graphmoe_fused as gm
-from graphmoe_fused.aux_loss import RoutingRecorder
-from graphmoe_fused.reference import graphmoe_reference
+from graphmoe_fused.backends.reference import graphmoe_reference
+from graphmoe_fused.hf.aux_loss import RoutingRecorder
 
 from .helpers import make_layer
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)

@@ -62,7 +62,7 @@ def test_state_dict_keeps_the_base_keys(arch):
     model = converted(arch)
     added = set(model.state_dict()) - set(base_state)
     assert set(base_state) <= set(model.state_dict())
-    assert added == set(gm.adapters.adapter_state_dict(model))
+    assert added == set(gm.hf.adapters.adapter_state_dict(model))
     assert "model.layers.0.self_attn.q_proj.lora_A" in added
     assert "model.layers.1.mlp.gru.weight_g" in added
     result = model.load_state_dict(base_state, strict=False)  # a base checkpoint still loads
@@ -194,7 +194,7 @@ def test_a_cached_step_applies_the_last_columns_of_the_mask():
 
 
 def test_token_mask_from_arguments():
-    from graphmoe_fused.model_hooks import token_mask_from
+    from graphmoe_fused.hf.hooks import token_mask_from
 
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
     assert token_mask_from({"attention_mask": mask}).tolist() == (mask == 1).tolist()

@@ -17,10 +17,10 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from graphmoe_fused.kernels.expert_down import expert_down
-from graphmoe_fused.kernels.expert_gate_up import (
+from graphmoe_fused.kernels.expert import (
     MAX_MASKED_DENSE_COLS,
     ExpertLoRA,
+    expert_down,
     expert_gate_up,
     expert_lora_in,
     expert_lora_layout,

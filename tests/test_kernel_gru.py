@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from graphmoe_fused.kernels.lowrank_gru import (
+from graphmoe_fused.kernels.gru.lowrank_gru import (
     _launch_lowrank_gru,
     _pack_gate_weights,
     _pack_projection,
@@ -22,7 +22,7 @@ from graphmoe_fused.kernels.lowrank_gru import (
 )
 from graphmoe_fused.kernels.utils import POISON_ENV
 
-from graphmoe_fused.gru import lowrank_gru_reference
+from graphmoe_fused.backends.reference import lowrank_gru_step as lowrank_gru_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,4 +1,4 @@
-"""The fused router kernel against ``graphmoe_fused.routing`` (softmax of ``F.linear``, stable
+"""The fused router kernel against the reference's routing (softmax of ``F.linear``, stable
 top-k): probabilities, renormalised weights, lowest-index tie-breaking, block shapes, checks.
 
 Without a GPU the kernel runs under ``TRITON_INTERPRET=1``, which ``triton.jit`` reads at
@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from graphmoe_fused.kernels.routing import (
+from graphmoe_fused.kernels.routing.router_topk import (
     MAX_EXPERTS,
     _launch_router_topk,
     fused_router_topk,
 )
 from graphmoe_fused.kernels.utils import POISON_ENV, new_output
 
-from graphmoe_fused.routing import router_probabilities, select_experts
+from graphmoe_fused.backends.reference import route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -31,10 +31,8 @@ def _poison_outputs(monkeypatch):
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, k: int):
-    logits = F.linear(x, w)
-    probs = router_probabilities(logits)
-    weights, index = select_experts(probs, k)
-    return logits.float(), probs, weights, index
+    probs, weights, index = route(x, w, k)
+    return F.linear(x, w).float(), probs, weights, index
 
 
 def _prob_tolerance(dtype: torch.dtype, logits: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import graphmoe_fused as gm
-from graphmoe_fused.layer import get_backend
+from graphmoe_fused.backends import get_backend
 
 from .helpers import make_layer
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphmoe_fused.dropout import lora_dropout_masks
+from graphmoe_fused.backends.dropout import lora_dropout_masks
 
 from .helpers import make_layer
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)

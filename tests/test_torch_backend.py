@@ -14,10 +14,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import graphmoe_fused as gm
-from graphmoe_fused.params import RoundOptions
-from graphmoe_fused.reference import graphmoe_reference
-from graphmoe_fused.torch_backend import graphmoe_torch
-from graphmoe_fused.torch_expert import (
+from graphmoe_fused.backends.contract import RoundOptions
+from graphmoe_fused.backends.reference import graphmoe_reference
+from graphmoe_fused.backends.torch import graphmoe_torch
+from graphmoe_fused.backends.torch.expert import (
     CPU_MASKED_MAX_COLUMNS,
     choose_expert_plan,
     grouped_supported,

@@ -25,9 +25,9 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 
-from graphmoe_fused.reference import graphmoe_reference  # noqa: E402
-from graphmoe_fused.torch_backend import graphmoe_torch  # noqa: E402
-from graphmoe_fused.triton_backend import graphmoe_triton  # noqa: E402
+from graphmoe_fused.backends.reference import graphmoe_reference  # noqa: E402
+from graphmoe_fused.backends.torch import graphmoe_torch  # noqa: E402
+from graphmoe_fused.backends.triton import graphmoe_triton  # noqa: E402
 from tests.helpers import make_layer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,7 +211,7 @@ def test_fp64_input_is_rejected():
 def test_past_the_masked_dense_limit_falls_back_to_torch(monkeypatch):
     # The real limit (256 columns) needs LoRA shapes the torch backend's CPU path is slow on; a
     # lower limit exercises the same fallback (the limit itself: test_kernel_expert).
-    import graphmoe_fused.kernels.expert_gate_up as kernel_module
+    import graphmoe_fused.kernels.expert.layout as kernel_module
 
     monkeypatch.setattr(kernel_module, "MAX_MASKED_DENSE_COLS", 8)
     tri, ref = layers(num_rounds=2)  # n·r = 16 > 8

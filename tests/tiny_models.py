@@ -13,7 +13,7 @@ from transformers import (
 )
 
 import graphmoe_fused as gm
-from graphmoe_fused.adapters import adapter_state_dict
+from graphmoe_fused.hf.adapters import adapter_state_dict
 
 VOCAB = 97
 SHAPES = {

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import BACKENDS
+from ..config import BACKENDS
 from .demo import DemoOptions, format_workload, run_demo
 
 

@@ -9,13 +9,13 @@ Per round ``t`` (DESIGN §1), four launches plus the small rank-``r`` one:
 3. ``expert_down``: ``y = W_D h_mix + c · a_mix B_D^T`` (3 base GEMMs per token per round in all);
 4. ``fused_lowrank_gru``: the GRU state and the next round's input (not after the last round).
 
-LoRA dropout uses :func:`graphmoe_fused.dropout.lora_dropout_masks` with the options' seed and the
-round index: the masks are the reference's, and again the same in the recomputing backward.
+LoRA dropout uses :func:`.dropout.lora_dropout_masks` with the options' seed and the round
+index: the masks are the reference's, and again the same in the recomputing backward.
 
 Training: the kernels are forward-only for now (backward kernels are a later issue). The forward
 runs inside a ``torch.autograd.Function`` that saves only its inputs (``x`` and the parameters,
 which are not copies); its backward recomputes the forward with the differentiable torch backend
-(:func:`graphmoe_fused.torch_backend.graphmoe_torch`) under ``torch.enable_grad`` and returns
+(:func:`graphmoe_fused.backends.torch.graphmoe_torch`) under ``torch.enable_grad`` and returns
 ``torch.autograd.grad`` for ``x`` and every parameter that requires grad, from the gradients of
 both differentiable outputs, ``y`` and ``router_probs``. The recompute sees the same dropout masks
 and autocast state as the forward; its routing is recomputed too, so a token whose top-k is a
@@ -31,14 +31,19 @@ import warnings
 
 import torch
 
+from .contract import (
+    GraphMoEParams,
+    RoundOptions,
+    RoutedOutput,
+    check_frozen_base,
+    compute_dtype,
+)
 from .dropout import apply_dropout, lora_dropout_masks
-from .params import GraphMoEParams, RoundOptions, RoutedOutput
-
-_FROZEN = ("gate_weight", "up_weight", "down_weight")
+from .torch import graphmoe_torch
 
 
 def _interpreting() -> bool:
-    from .kernels.utils import is_interpreter
+    from ..kernels.utils import is_interpreter
 
     return is_interpreter()
 
@@ -56,17 +61,10 @@ def check_runnable(x: torch.Tensor) -> None:
     )
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype for x's device when autocast is on, else x's own (as the torch backend)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _kernels_cover(p: GraphMoEParams) -> str | None:
     """Why the kernels cannot take these weights, or ``None`` when they can."""
-    from .kernels.expert_gate_up import MAX_MASKED_DENSE_COLS, masked_dense_supported
-    from .kernels.routing import MAX_EXPERTS
+    from ..kernels.expert import MAX_MASKED_DENSE_COLS, masked_dense_supported
+    from ..kernels.routing import MAX_EXPERTS
 
     n, r = p.lora_A_gate.shape[:2]
     if n > MAX_EXPERTS:
@@ -78,10 +76,9 @@ def _kernels_cover(p: GraphMoEParams) -> str | None:
 
 def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
     """The T rounds on the kernels, no autograd. ``x`` and ``p`` share one dtype."""
-    from .kernels.expert_down import expert_down
-    from .kernels.expert_gate_up import expert_gate_up, expert_lora_layout
-    from .kernels.lowrank_gru import fused_lowrank_gru
-    from .kernels.routing import fused_router_topk
+    from ..kernels.expert import expert_down, expert_gate_up, expert_lora_layout
+    from ..kernels.gru import fused_lowrank_gru
+    from ..kernels.routing import fused_router_topk
 
     num_tokens, hidden = x.shape
     inter = p.gate_weight.shape[0]
@@ -119,19 +116,6 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOut
     return RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
 
 
-def _differentiable_backend():
-    """The torch backend; the reference while it does not exist (it is the slow oracle)."""
-    try:
-        from .torch_backend import graphmoe_torch
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.torch_backend":
-            raise
-        from .reference import graphmoe_reference
-
-        return graphmoe_reference
-    return graphmoe_torch
-
-
 class _TritonGraphMoE(torch.autograd.Function):
     """``(x, opt, *params) -> (y, router_probs, expert_index)``: kernel forward, recomputing
     torch-backend backward."""
@@ -141,7 +125,7 @@ class _TritonGraphMoE(torch.autograd.Function):
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         autocast_dtype = torch.get_autocast_dtype(device_type)
-        cd = _compute_dtype(x)
+        cd = compute_dtype(x)
         # Autocast would not reach inside the kernels: the casts are made here, explicitly. A
         # parameter in another dtype is copied on every call (keep the layer in the compute
         # dtype to avoid that).
@@ -159,13 +143,12 @@ class _TritonGraphMoE(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _grad_index):
         x, *params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
-        backend = _differentiable_backend()
         autocast, autocast_dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=autocast_dtype,
                                                  enabled=autocast):
             inputs = [t.detach().requires_grad_(need)
                       for t, need in zip((x, *params), needs, strict=True)]
-            out = backend(inputs[0], GraphMoEParams(*inputs[1:]), ctx.opt)
+            out = graphmoe_torch(inputs[0], GraphMoEParams(*inputs[1:]), ctx.opt)
         outputs, grad_outputs = [], []
         # Gradients may arrive expanded (stride 0); the torch backend wants them dense.
         if grad_y is not None:
@@ -184,7 +167,7 @@ class _TritonGraphMoE(torch.autograd.Function):
 
 
 def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
-    """The backend contract of :mod:`graphmoe_fused.params` on the Triton kernels.
+    """The backend contract of :mod:`graphmoe_fused.backends.contract` on the Triton kernels.
 
     Forward: the kernels (router/top-k, fused LoRA-expert gate/up, down, low-rank GRU) per round.
     Backward: recomputes the forward with the differentiable torch backend and returns
@@ -207,15 +190,8 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
     masked-dense limit of 256) run on the torch backend instead, with a warning.
     """
     check_runnable(x)
-    if torch.is_grad_enabled():
-        trainable = [name for name in _FROZEN if getattr(p, name).requires_grad]
-        if trainable:
-            raise RuntimeError(
-                f"the triton backend treats the base MLP weights as frozen (DESIGN §2) and "
-                f"computes no gradient for them, but {trainable} require grad; call "
-                ".requires_grad_(False) on them or use backend='reference'"
-            )
-    cd = _compute_dtype(x)
+    check_frozen_base(p, "triton")
+    cd = compute_dtype(x)
     if cd not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(
             f"the triton backend computes in fp16, bf16 or fp32, not {cd}; use "
@@ -225,6 +201,6 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
     if reason is not None:
         warnings.warn(f"triton backend: {reason}; running the torch backend instead",
                       stacklevel=2)
-        return _differentiable_backend()(x, p, opt)
+        return graphmoe_torch(x, p, opt)
     y, probs, index = _TritonGraphMoE.apply(x, opt, *p)
     return RoutedOutput(y, probs, index)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import GraphMoEConfig
-from .layer import GraphMoEMLP, _is_silu
-from .lora import LoRALinear
-from .model_hooks import install_routing_hooks
+from ..config import GraphMoEConfig
+from ..layer import GraphMoEMLP, is_silu
+from .attention_lora import LoRALinear
+from .hooks import install_routing_hooks
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -67,7 +67,7 @@ def _check_mlp(name: str, mlp: nn.Module) -> None:
                 f"{name}.{proj} has a bias; GraphMoE supports bias-free SwiGLU MLPs only"
             )
     act = getattr(mlp, "act_fn", None)
-    if act is None or not _is_silu(act):
+    if act is None or not is_silu(act):
         raise ValueError(f"{name}.act_fn is {act!r}; GraphMoE needs a SiLU (SwiGLU) MLP")
 
 

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import KernelSpec
-from .utils import (
+from ..compile_spec import KernelSpec
+from ..utils import (
     cast_rne,
     ceil_to,
     check_device,
@@ -580,7 +580,7 @@ _SHAPE_NOTE = f"d={_D} dh={_DH} bf16"
 
 COMPILE_SPECS = [
     KernelSpec(
-        name="lowrank_gru.gates",
+        name="gru.gates",
         fn=_gru_gates_kernel,
         types=_GATES_TYPES,
         constexprs={"HAS_H": True, "CAND_X": False, "CAND_TANH": False, "INTERP_BF16": False},
@@ -589,7 +589,7 @@ COMPILE_SPECS = [
         note=_SHAPE_NOTE + ", rounds ≥ 2, candidate y",
     ),
     KernelSpec(
-        name="lowrank_gru.gates[h=0,cand=x,tanh]",
+        name="gru.gates[h=0,cand=x,tanh]",
         fn=_gru_gates_kernel,
         types=_GATES_TYPES,
         constexprs={"HAS_H": False, "CAND_X": True, "CAND_TANH": True, "INTERP_BF16": False},
@@ -598,7 +598,7 @@ COMPILE_SPECS = [
         note=_SHAPE_NOTE + ", round 1, candidate x, tanh",
     ),
     KernelSpec(
-        name="lowrank_gru.update",
+        name="gru.update",
         fn=_gru_update_kernel,
         types={
             **{p: "*bf16" for p in ("h_ptr", "rh_ptr", "wo_ptr", "hnew_ptr")},
@@ -613,7 +613,7 @@ COMPILE_SPECS = [
         note=_SHAPE_NOTE,
     ),
     KernelSpec(
-        name="lowrank_gru.project",
+        name="gru.project",
         fn=_gru_project_kernel,
         types={
             **{p: "*bf16" for p in ("hn_ptr", "wg_ptr", "x_ptr", "out_ptr")},

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import KernelSpec
-from .utils import (
+from ..compile_spec import KernelSpec
+from ..utils import (
     cast_rne,
     check_device,
     check_float,

@@ -17,19 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import KernelSpec
-from .expert_gate_up import (
+from ..compile_spec import KernelSpec
+from ..utils import (
     INTERPRET,
     INTERPRET_CONFIG,
-    ExpertLoRA,
+    cast_rne,
     cfg,
     check_activation,
-    check_layout,
     check_like,
+    interpreter_bf16,
+    mma,
+    new_output,
     prune_small_m,
     tile_ids,
+    token_bucket,
+    unit_stride_rows,
 )
-from .utils import cast_rne, interpreter_bf16, mma, new_output, token_bucket, unit_stride_rows
+from .layout import ExpertLoRA, check_layout
 
 # A plain GEMM (the LoRA is a few more K-steps): the usual large tiles, every one spill-free on
 # both sm_80 and sm_90 (compile report). Hopper takes 128×256 at 3 stages in its 227 KB of shared
@@ -169,7 +173,7 @@ def expert_down(
 # r=16, 8192 tokens, bf16).
 COMPILE_SPECS = [
     KernelSpec(
-        name="expert_down.down",
+        name="expert.down",
         fn=_expert_down_kernel,
         types={"h_ptr": "*bf16", "wd_ptr": "*bf16", "a_mix_ptr": "*fp32", "bd_ptr": "*bf16",
                "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_hm": "i32",

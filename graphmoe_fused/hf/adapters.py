@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .config import GraphMoEConfig
-from .hf import CONFIG_ATTRIBUTE, apply_graphmoe, is_converted
-from .layer import GraphMoEMLP
-from .lora import LoRALinear
+from ..config import GraphMoEConfig
+from ..layer import GraphMoEMLP
+from ..version import __version__
+from .attention_lora import LoRALinear
+from .convert import CONFIG_ATTRIBUTE, apply_graphmoe, is_converted
 
 WEIGHTS_NAME = "graphmoe_adapter.safetensors"
 CONFIG_NAME = "graphmoe_config.json"

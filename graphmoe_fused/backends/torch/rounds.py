@@ -1,11 +1,11 @@
 """The `torch` backend: the GraphMoE layer in plain PyTorch, the fast way, on any device.
 
-Same function as :func:`graphmoe_fused.reference.graphmoe_reference` (within rounding), with:
+Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
 
 * **3 base GEMMs per token per round whatever k is.** Gate and up are computed once and shared by
   the chosen experts; the down projection runs once on the mixed activation, because ``W_D`` is
   linear and shared: ``Σ_j w_j W_D h_j = W_D Σ_j w_j h_j`` (DESIGN §2). Only the rank-r deltas
-  are per slot; they go through :mod:`graphmoe_fused.torch_expert` (masked dense over all
+  are per slot; they go through :mod:`.expert` (masked dense over all
   experts, or grouped by expert), never a Python loop over experts.
 * **No host sync** (no ``.item()``, ``nonzero``, data-dependent shape) in forward or backward.
 * **A hand-written backward** (:class:`_GraphMoEFunction`) that saves little: the input, the
@@ -26,8 +26,8 @@ Same function as :func:`graphmoe_fused.reference.graphmoe_reference` (within rou
   match the reference: ``y`` in x's dtype, ``router_probs`` fp32 (or wider).
 * **Frozen base.** The base projections get no gradient by design; a base weight that
   requires grad while grad mode is on is rejected with an error rather than silently ignored.
-* **Dropout** uses :func:`graphmoe_fused.dropout.lora_dropout_masks` with the options' seed and
-  the round index, in forward and again in backward, so no ``[M, k, D']`` mask is saved and the
+* **Dropout** uses :func:`..dropout.lora_dropout_masks` with the options' seed and the round
+  index, in forward and again in backward, so no ``[M, k, D']`` mask is saved and the
   masks equal the reference's.
 
 Double backward is not supported (``once_differentiable``).
@@ -40,11 +40,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .dropout import apply_dropout, lora_dropout_masks
-from .params import GraphMoEParams, RoundOptions, RoutedOutput
+from ..contract import (
+    GraphMoEParams,
+    RoundOptions,
+    RoutedOutput,
+    check_frozen_base,
+    compute_dtype,
+)
+from ..dropout import apply_dropout, lora_dropout_masks
+from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
+from .gru import gru_step, gru_step_backward, prepare_gru
 from .routing import router_probabilities, select_experts
-from .torch_expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
-from .torch_gru import gru_step, gru_step_backward, prepare_gru
 
 
 class _Static(NamedTuple):
@@ -394,39 +400,22 @@ class _GraphMoEFunction(torch.autograd.Function):
                      for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The GEMM dtype: autocast's for x's device when enabled (autocast leaves fp64 alone),
-    else x's own."""
-    device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
 def graphmoe_torch(
     x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions, *, expert_plan: str | None = None
 ) -> RoutedOutput:
-    """The backend contract of :mod:`graphmoe_fused.params`, in plain PyTorch.
+    """The backend contract of :mod:`graphmoe_fused.backends.contract`, in plain PyTorch.
 
     Args:
         x: ``[M, d]`` round-1 input.
         p: the layer's weights; the base projections must not require grad.
         opt: rounds, top-k, scaling, GRU options, dropout and recomputation.
         expert_plan: ``"masked"`` or ``"grouped"`` to force how the per-expert LoRA products
-            are batched (see :mod:`graphmoe_fused.torch_expert`); ``None`` chooses by shape.
+            are batched (see :mod:`.expert`); ``None`` chooses by shape.
     Returns:
         ``y_T`` in x's dtype, the ``[T, M, n]`` router probabilities (fp32 or wider, and
         differentiable) and the ``[T, M, k]`` chosen experts.
     """
-    if torch.is_grad_enabled():
-        frozen = ("gate_weight", "up_weight", "down_weight")
-        trainable = [name for name in frozen if getattr(p, name).requires_grad]
-        if trainable:
-            raise RuntimeError(
-                f"the torch backend treats the base MLP weights as frozen (DESIGN §2) and "
-                f"computes no gradient for them, but {trainable} require grad; call "
-                f".requires_grad_(False) on them or use backend='reference'"
-            )
+    check_frozen_base(p, "torch")
     cd = compute_dtype(x)
     n, r, d = p.lora_A_gate.shape
     widths = (r, 2 * r, d, p.gate_weight.shape[0])

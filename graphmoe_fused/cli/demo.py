@@ -12,17 +12,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import GraphMoEConfig
-from .hf import apply_graphmoe
-from .layer import get_backend, resolve_backend
-from .stats import ParameterReport, parameter_report, reset_routing_statistics, routing_fractions
-from .stats import routing_statistics as _routing_statistics
+from ..config import GraphMoEConfig
+from ..hf.convert import apply_graphmoe
+from ..hf.stats import (
+    ParameterReport,
+    parameter_report,
+    reset_routing_statistics,
+    routing_fractions,
+)
+from ..hf.stats import routing_statistics as _routing_statistics
 
 NUM_DIGITS = 10
 SEP, BOS, PAD = 10, 11, 12
@@ -61,7 +65,6 @@ class DemoResult:
     workload: dict[str, torch.Tensor]
     backend: str
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 def copy_batch(batch_size: int, seq_len: int, generator: torch.Generator,
@@ -98,17 +101,6 @@ def build_model(opts: DemoOptions, device: torch.device) -> nn.Module:
     return LlamaForCausalLM(config).to(device)
 
 
-def pick_backend(name: str, device: torch.device) -> tuple[str, list[str]]:
-    """``name``, or for ``auto`` the reference backend when the one it picks is not built."""
-    if name != "auto":
-        return name, []
-    try:
-        get_backend(resolve_backend(name, device))
-    except NotImplementedError as err:
-        return "reference", [f"{err}; using the reference backend"]
-    return name, []
-
-
 def _answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     keep = target != -100
@@ -122,9 +114,7 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoResul
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(opts.device)
-    backend, notes = pick_backend(opts.backend, device)
-    for note in notes:
-        log(f"note: {note}")
+    backend = opts.backend
     cfg = GraphMoEConfig(num_experts=opts.experts, top_k=opts.top_k, lora_r=opts.lora_r,
                          lora_alpha=2 * opts.lora_r, num_rounds=opts.rounds, backend=backend)
     model = apply_graphmoe(build_model(opts, device), cfg)
@@ -175,7 +165,7 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoResul
     return DemoResult(
         losses, aux_losses, out.loss.item() - cfg.router_aux_loss_coef * out.aux_loss.item(),
         _answer_accuracy(out.logits, labels), report, workload, backend,
-        time.perf_counter() - start, notes,
+        time.perf_counter() - start,
     )
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import GraphMoEConfig
+from ..layer import GraphMoEMLP
 from .aux_loss import LossGradTap, RoutingRecorder
-from .config import GraphMoEConfig
-from .layer import GraphMoEMLP
 
 
 class RoutingHooks:

@@ -1,4 +1,5 @@
-"""The low-rank GRU of GraphMoE (the "virtual node", Eqs. 6-7), reset-before form.
+"""The parameters of the low-rank GRU of GraphMoE (the "virtual node", Eqs. 6-7), reset-before
+form; the maths is in the backends (the literal step: ``backends.reference.lowrank_gru_step``).
 
     z = σ(W_z [h, y]);  r = σ(W_r [h, y]);  ĥ = act(W_o [r ⊙ h, u] + b_o)
     h' = (1 − z) ⊙ h + z ⊙ ĥ;  g = W_g h'
@@ -15,28 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends.reference import lowrank_gru_step
 from .config import GRU_CANDIDATE_ACTIVATIONS, GRU_CANDIDATE_INPUTS
-
-
-def lowrank_gru_reference(
-    h: torch.Tensor,
-    y: torch.Tensor,
-    x: torch.Tensor,
-    weight_z: torch.Tensor,
-    weight_r: torch.Tensor,
-    weight_o: torch.Tensor,
-    bias_o: torch.Tensor,
-    candidate_input: str = "y",
-    candidate_activation: str = "sigmoid",
-) -> torch.Tensor:
-    """One GRU step written as the equations read; returns the new state ``h'``."""
-    hy = torch.cat([h, y], dim=-1)
-    z = torch.sigmoid(F.linear(hy, weight_z))
-    r = torch.sigmoid(F.linear(hy, weight_r))
-    u = y if candidate_input == "y" else x
-    pre = F.linear(torch.cat([r * h, u], dim=-1), weight_o, bias_o)
-    h_cand = torch.sigmoid(pre) if candidate_activation == "sigmoid" else torch.tanh(pre)
-    return (1 - z) * h + z * h_cand
 
 
 class LowRankGRU(nn.Module):
@@ -81,7 +62,7 @@ class LowRankGRU(nn.Module):
         self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(h', g)``."""
-        h_new = lowrank_gru_reference(
+        h_new = lowrank_gru_step(
             h,
             y,
             x,

@@ -61,3 +61,29 @@ class RoutedOutput(NamedTuple):
     y: torch.Tensor  # [M, d], x's dtype
     router_probs: torch.Tensor  # [T, M, n], fp32 (or wider when x is)
     expert_index: torch.Tensor  # [T, M, k], int64
+
+
+FROZEN_BASE = ("gate_weight", "up_weight", "down_weight")
+
+
+def check_frozen_base(p: GraphMoEParams, backend: str) -> None:
+    """The fast backends compute no gradient for the base projections (frozen by design,
+    DESIGN §2): one that requires grad while grad mode is on is an error, not a silent zero."""
+    if not torch.is_grad_enabled():
+        return
+    trainable = [name for name in FROZEN_BASE if getattr(p, name).requires_grad]
+    if trainable:
+        raise RuntimeError(
+            f"the {backend} backend treats the base MLP weights as frozen (DESIGN §2) and "
+            f"computes no gradient for them, but {trainable} require grad; call "
+            ".requires_grad_(False) on them or use backend='reference'"
+        )
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the base GEMMs: autocast's for x's device when autocast is on, else x's own.
+    fp64 inputs stay fp64, as autocast itself leaves fp64 alone."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

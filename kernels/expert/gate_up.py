@@ -44,11 +44,7 @@ while ``n·r`` is small (9 % of the base gate/up work at n·r = 128, k = 2, d = 
 ``MAX_MASKED_DENSE_COLS`` the public functions raise ``ValueError``; a grouped (token-sorted) path,
 such as the torch backend, wins there.
 
-Layouts: the kernels read every LoRA factor as a row-major ``[n·R, ·]`` matrix whose long dimension
-is contiguous (``B`` transposed), with the rank padded to a power of two ``R`` (zero rows; no
-padding for the usual power-of-two ranks), so each weight tile is a vectorised 2-D load and a
-chunk holds whole expert blocks. :func:`expert_lora_layout` builds them (a few MB of copies; the
-triton backend builds them once per forward for all rounds).
+Layouts: the LoRA factors come in the kernel layout of :mod:`.layout` (``expert_lora_layout``).
 """
 
 from __future__ import annotations
@@ -59,173 +55,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._compile import KernelSpec
-from .utils import (
+from ..compile_spec import KernelSpec
+from ..utils import (
+    INTERPRET,
+    INTERPRET_CONFIG,
     cast_rne,
-    check_device,
-    check_float,
-    check_shape,
+    cfg,
+    check_activation,
+    check_like,
     interpreter_bf16,
-    is_interpreter,
     mma,
     new_output,
+    prune_small_m,
+    tile_ids,
     token_bucket,
     unit_stride_rows,
 )
-
-# ``triton.jit`` reads TRITON_INTERPRET when a kernel is decorated, so the config lists are
-# decided at import too: the interpreter gets one small config (no benchmarking, and several
-# blocks even at test sizes).
-INTERPRET = is_interpreter()
-
-# The masked-dense products cost n·r MACs per slot and output element where a grouped product
-# would cost r: at n·r = 256, k = 2 that is ~19 % of the base gate/up work at d = 4096, past
-# which a grouped product wins (DESIGN §2).
-MAX_MASKED_DENSE_COLS = 256
-
-
-def masked_dense_supported(num_experts: int, rank: int) -> bool:
-    """Whether the masked-dense LoRA path takes ``n`` experts of rank ``r``."""
-    return num_experts * rank <= MAX_MASKED_DENSE_COLS
-
-
-def check_masked_dense(num_experts: int, rank: int) -> None:
-    """Raises ``ValueError`` when ``n·r`` is past the masked-dense limit."""
-    if not masked_dense_supported(num_experts, rank):
-        raise ValueError(
-            f"n·r = {num_experts}·{rank} = {num_experts * rank} is over the masked-dense LoRA "
-            f"limit of {MAX_MASKED_DENSE_COLS} columns; use a grouped LoRA path (the torch "
-            "backend) for this many experts or this rank"
-        )
-
-
-def cfg(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
-        **extra: int) -> triton.Config:
-    """A GPU autotune config (GROUP_M = 8 row tiles share the weight tiles in L2)."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                          "GROUP_M": 8, **extra}, num_warps=warps, num_stages=stages)
-
-
-def prune_small_m(configs, named_args, **kwargs):
-    """``early_config_prune``: for few tokens, only row tiles that are not mostly padding."""
-    bucket = named_args["M_BUCKET"]
-    small = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, bucket)]
-    return small or list(configs)
-
-
-@triton.jit
-def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped program order: GROUP_M row tiles sweep the columns together, so the weight tiles
-    they share are still in L2 when the next row tile needs them."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-# ---------------------------------------------------------------------------------------------
-# The LoRA factors in kernel layout.
-# ---------------------------------------------------------------------------------------------
-
-
-def padded_rank(rank: int) -> int:
-    """``r`` rounded up to a power of two: the width of one expert's block in the gate/up
-    kernel, so a masked-dense chunk always holds whole expert blocks."""
-    return triton.next_power_of_2(rank)
-
-
-class ExpertLoRA(NamedTuple):
-    """All experts' LoRA factors as the kernels read them (see :func:`expert_lora_layout`).
-
-    Each factor is a contiguous ``[n, R, ·]`` tensor, i.e. a row-major ``[n·R, ·]`` matrix
-    whose row ``e·R + i`` is rank ``i`` of expert ``e``; ``R`` is ``rank`` rounded up to a power
-    of two for the gate/up kernel's factors (padded ranks are zero rows; no padding, and no
-    copy beyond the transposes, for the usual power-of-two ranks).
-    """
-
-    a_in: torch.Tensor  # [2, n, R, d]: A_G then A_U
-    b_gate: torch.Tensor  # [n, R, D']: B_G transposed
-    b_up: torch.Tensor  # [n, R, D']: B_U transposed
-    a_down: torch.Tensor  # [n, R, D']: A_D
-    b_down: torch.Tensor  # [n, r, d]: B_D transposed (unpadded: a_mix is [M, n·r])
-    rank: int  # r
-
-    @property
-    def num_experts(self) -> int:
-        return self.a_down.shape[0]
-
-
-def _rank_major(t: torch.Tensor, padded: int) -> torch.Tensor:
-    """A ``[n, r, ·]`` view as a contiguous ``[n, padded, ·]`` tensor, zero-padded ranks."""
-    if t.shape[1] == padded:
-        return t.contiguous()
-    out = t.new_zeros(t.shape[0], padded, t.shape[2])
-    out[:, : t.shape[1]] = t
-    return out
-
-
-def expert_lora_layout(
-    lora_A_gate: torch.Tensor,
-    lora_B_gate: torch.Tensor,
-    lora_A_up: torch.Tensor,
-    lora_B_up: torch.Tensor,
-    lora_A_down: torch.Tensor,
-    lora_B_down: torch.Tensor,
-) -> ExpertLoRA:
-    """Copies the experts' LoRA factors into the layouts of the expert kernels.
-
-    Args (shapes as in ``GraphMoEParams``; one floating dtype and one device for all):
-        lora_A_gate, lora_A_up: ``[n, r, d]``; lora_B_gate, lora_B_up: ``[n, D', r]``;
-        lora_A_down: ``[n, r, D']``; lora_B_down: ``[n, d, r]``.
-    Returns:
-        An :class:`ExpertLoRA`, detached from autograd. The transposed (and any padded) factors
-        are copies, about ``n·r·(3d + 2D')`` elements; ``a_down`` shares ``lora_A_down``'s
-        storage when no padding is needed. Build it again whenever the factors change (every
-        forward, in training).
-    Raises:
-        TypeError / ValueError: on inconsistent shapes, dtypes or devices, or when ``n·r`` is
-        past the masked-dense limit.
-    """
-    num_experts, rank = check_lora_shape("lora_A_gate", lora_A_gate)
-    hidden = lora_A_gate.shape[2]
-    check_float("lora_A_gate", lora_A_gate)
-    check_lora_shape("lora_A_down", lora_A_down)
-    inter = lora_A_down.shape[2]
-    for name, t, shape in (
-        ("lora_A_up", lora_A_up, (num_experts, rank, hidden)),
-        ("lora_B_gate", lora_B_gate, (num_experts, inter, rank)),
-        ("lora_B_up", lora_B_up, (num_experts, inter, rank)),
-        ("lora_A_down", lora_A_down, (num_experts, rank, inter)),
-        ("lora_B_down", lora_B_down, (num_experts, hidden, rank)),
-    ):
-        check_like(name, t, shape, lora_A_gate, lora_A_gate.dtype)
-    check_masked_dense(num_experts, rank)
-    padded = padded_rank(rank)
-    with torch.no_grad():
-        return ExpertLoRA(
-            a_in=torch.stack([_rank_major(lora_A_gate.detach(), padded),
-                              _rank_major(lora_A_up.detach(), padded)]),
-            b_gate=_rank_major(lora_B_gate.detach().transpose(1, 2), padded),
-            b_up=_rank_major(lora_B_up.detach().transpose(1, 2), padded),
-            a_down=_rank_major(lora_A_down.detach(), padded),
-            b_down=lora_B_down.detach().transpose(1, 2).contiguous(),
-            rank=rank,
-        )
-
+from .layout import ExpertLoRA, check_layout, check_routing, padded_rank
 
 # ---------------------------------------------------------------------------------------------
 # 1. a_gu = c · x_lora · [A_G; A_U]^T, all experts.
 # ---------------------------------------------------------------------------------------------
-
-INTERPRET_CONFIG = triton.Config(
-    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1
-)
 
 # Every config list below compiles without spills for both sm_80 (A100, mma.sync) and sm_90
 # (H100, wgmma): the compile report builds each config for both, and autotune picks per GPU.
@@ -479,79 +329,8 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation shared with expert_down, and the public functions.
+# The public functions.
 # ---------------------------------------------------------------------------------------------
-
-
-def check_like(name: str, t: torch.Tensor, shape: tuple[int, ...], ref: torch.Tensor,
-               dtype: torch.dtype | None = None) -> None:
-    """``t`` must be a tensor of ``shape`` on ``ref``'s device, of ``dtype`` when given."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_shape(name, t, shape)
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device}, expected {ref.device} like the input")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected {dtype}")
-
-
-def check_activation(name: str, x: torch.Tensor) -> None:
-    """The 2-D fp16/bf16/fp32 activation a kernel starts from, on a device the kernels run on."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [tokens, features], got shape {tuple(x.shape)}")
-    check_float(name, x)
-    check_device(name, x)
-
-
-def check_lora_shape(name: str, t: torch.Tensor) -> tuple[int, int]:
-    """A 3-D ``[n, ·, ·]`` LoRA factor; returns ``(n, t.shape[1])``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [experts, ·, ·], got shape {tuple(t.shape)}")
-    return t.shape[0], t.shape[1]
-
-
-def check_layout(lora: ExpertLoRA, ref: torch.Tensor, hidden: int, inter: int) -> None:
-    """Validates an :class:`ExpertLoRA` against ``ref``'s dtype and device and the sizes."""
-    if not isinstance(lora, ExpertLoRA):
-        raise TypeError(
-            f"lora must be an ExpertLoRA (from expert_lora_layout), got {type(lora).__name__}"
-        )
-    n, r = lora.num_experts, lora.rank
-    padded = padded_rank(r)
-    for name, t, shape in (
-        ("lora.a_in", lora.a_in, (2, n, padded, hidden)),
-        ("lora.b_gate", lora.b_gate, (n, padded, inter)),
-        ("lora.b_up", lora.b_up, (n, padded, inter)),
-        ("lora.a_down", lora.a_down, (n, padded, inter)),
-        ("lora.b_down", lora.b_down, (n, r, hidden)),
-    ):
-        check_like(name, t, shape, ref, ref.dtype)
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (build it with expert_lora_layout)")
-    check_masked_dense(n, r)
-
-
-def check_routing(expert_weights: torch.Tensor, expert_index: torch.Tensor, ref: torch.Tensor,
-                  num_experts: int) -> int:
-    """Validates ``[M, k]`` routing tensors against ``ref [M, ...]``; returns ``k``."""
-    if not isinstance(expert_index, torch.Tensor) or expert_index.dim() != 2:
-        raise ValueError("expert_index must be a 2-D [tokens, k] tensor")
-    top_k = expert_index.shape[1]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"expert_index has k={top_k} slots; need 1 <= k <= n={num_experts}")
-    check_like("expert_index", expert_index, (ref.shape[0], top_k), ref)
-    if expert_index.is_floating_point() or expert_index.is_complex() or (
-        expert_index.dtype == torch.bool
-    ):
-        raise TypeError(f"expert_index must be an integer tensor, got {expert_index.dtype}")
-    check_like("expert_weights", expert_weights, (ref.shape[0], top_k), ref)
-    if not expert_weights.is_floating_point():
-        raise TypeError(f"expert_weights must be floating point, got {expert_weights.dtype}")
-    return top_k
 
 
 def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
@@ -708,7 +487,7 @@ def expert_gate_up(
 _NUM_EXPERTS, _RANK, _TOP_K = 8, 16, 2
 COMPILE_SPECS = [
     KernelSpec(
-        name="expert_gate_up.lora_in",
+        name="expert.lora_in",
         fn=_lora_in_kernel,
         types={"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
                "K": "i32", "stride_xm": "i32", "scaling": "fp32", "M_BUCKET": "i32"},
@@ -718,7 +497,7 @@ COMPILE_SPECS = [
         note="c · x_lora · [A_G; A_U]^T for all 8 experts (256 columns)",
     ),
     KernelSpec(
-        name="expert_gate_up.gate_up",
+        name="expert.gate_up",
         fn=_expert_gate_up_kernel,
         types={"x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "a_gu_ptr": "*bf16",
                "bg_ptr": "*bf16", "bu_ptr": "*bf16", "ad_ptr": "*bf16", "w_ptr": "*fp32",

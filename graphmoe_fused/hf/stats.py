@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hf import graphmoe_layers
-from .layer import GraphMoEMLP
-from .lora import LoRALinear
+from ..layer import GraphMoEMLP
+from .attention_lora import LoRALinear
+from .convert import graphmoe_layers
 
 
 def routing_statistics(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,44 @@
+"""The backends: one function each, ``(x [M, d], GraphMoEParams, RoundOptions) -> RoutedOutput``
+(see :mod:`.contract`). ``reference`` is the oracle, ``torch`` the fast pure-PyTorch path,
+``triton`` the hand-written kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+from torch import device as Device
+
+# Note: ``from .torch import`` below rebinds the name ``torch`` in this module to the subpackage,
+# so nothing here refers to the torch library by that name.
+from .contract import GraphMoEParams, RoundOptions, RoutedOutput
+from .reference import graphmoe_reference
+from .torch import graphmoe_torch
+from .triton import graphmoe_triton
+
+Backend = Callable[[Tensor, GraphMoEParams, RoundOptions], RoutedOutput]
+
+BACKENDS: dict[str, Backend] = {
+    "reference": graphmoe_reference,
+    "torch": graphmoe_torch,
+    "triton": graphmoe_triton,
+}
+
+
+def resolve_backend(name: str, device: Device, needs_grad: bool = False) -> str:
+    """``auto`` → ``triton`` on CUDA for inference, ``torch`` elsewhere; other names pass through.
+
+    A training step (``needs_grad``) goes to ``torch`` on CUDA too: until the Triton backward
+    kernels exist, the triton backend's backward recomputes the forward with the torch backend,
+    so a triton training step costs a torch step plus the kernels' forward.
+    """
+    if name == "auto":
+        return "triton" if device.type == "cuda" and not needs_grad else "torch"
+    return name
+
+
+def get_backend(name: str) -> Backend:
+    """The backend function called ``name`` (not ``auto``: resolve it first)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)} or 'auto'")
+    return BACKENDS[name]
