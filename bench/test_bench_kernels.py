@@ -25,7 +25,6 @@ from bench.harness import (
     Step,
     build_layer,
     function_step,
-    import_optional,
     layer_input,
     make_tensor,
     module_step,
@@ -36,6 +35,7 @@ from bench.harness import (
     triton_runnable,
 )
 from graphmoe_fused.backends.reference import lowrank_gru_step as lowrank_gru_reference
+from graphmoe_fused.backends.torch import gru as torch_gru
 from graphmoe_fused.backends.torch.routing import router_probabilities, select_experts
 
 
@@ -104,11 +104,11 @@ def test_gru_cell(benchmark: Any, ctx: BenchContext, impl: str, mode: str) -> No
         if not triton_runnable(ctx.device):
             pytest.skip("the fused Triton GRU needs a CUDA device (or TRITON_INTERPRET=1)")
         if mode == "fwd_bwd":
-            pytest.skip("kernels.lowrank_gru.fused_lowrank_gru is forward-only")
-        module = import_optional("graphmoe_fused.kernels.gru", "fused Triton GRU")
+            pytest.skip("kernels.gru.fused_lowrank_gru is forward-only")
+        from graphmoe_fused.kernels.gru import fused_lowrank_gru
 
         def fused() -> tuple[torch.Tensor, torch.Tensor]:
-            return module.fused_lowrank_gru(h, y, x, gru.weight_z, gru.weight_r, gru.weight_o,
+            return fused_lowrank_gru(h, y, x, gru.weight_z, gru.weight_r, gru.weight_o,
                                             gru.bias_o, gru.weight_g)
 
         step = function_step(ctx, fused, None, [])
@@ -121,7 +121,6 @@ def _torch_gru_step(ctx: BenchContext, gru: gm.LowRankGRU, h: torch.Tensor, y: t
                     x: torch.Tensor, grads: tuple[torch.Tensor, ...] | None) -> Step:
     """The torch backend's GRU work for one non-final round, forward and (for fwd_bwd) the
     backward it runs inside its autograd Function (no autograd graph of its own)."""
-    torch_gru = import_optional("graphmoe_fused.backends.torch.gru", "torch backend GRU")
     cd = ctx.dtype
     acc = torch.promote_types(cd, torch.float32)
     with torch.no_grad():
@@ -157,10 +156,8 @@ def test_triton_expert_kernel(benchmark: Any, ctx: BenchContext, kernel: str) ->
     ``layer-fwd`` of ``dense``, the same 3 GEMMs)."""
     if not triton_runnable(ctx.device):
         pytest.skip("Triton expert kernels need a CUDA device (or TRITON_INTERPRET=1)")
-    what = "Triton round kernels"
-    routing = import_optional("graphmoe_fused.kernels.routing", what)
-    gate_up = import_optional("graphmoe_fused.kernels.expert", what)
-    down = import_optional("graphmoe_fused.kernels.expert", what)
+    from graphmoe_fused.kernels.expert import expert_down, expert_gate_up, expert_lora_layout
+    from graphmoe_fused.kernels.routing import fused_router_topk
     s = ctx.shape
     layer = build_layer(ctx, "reference", num_rounds=1)
     p = layer.params()
@@ -171,14 +168,14 @@ def test_triton_expert_kernel(benchmark: Any, ctx: BenchContext, kernel: str) ->
                                           s.top_k)
         # The kernels' LoRA layout is rebuilt once per forward, not per round: kept out of the
         # per-kernel timing.
-        lora = gate_up.expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up,
+        lora = expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up,
                                           p.lora_B_up, p.lora_A_down, p.lora_B_down)
 
     def run_gate_up() -> Any:
-        return gate_up.expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights, experts, c)
+        return expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights, experts, c)
 
     def run_down(h_mix: torch.Tensor, a_mix: torch.Tensor) -> torch.Tensor:
-        return down.expert_down(h_mix, p.down_weight, lora, a_mix, c)
+        return expert_down(h_mix, p.down_weight, lora, a_mix, c)
 
     with torch.no_grad():
         h_mix, a_mix = run_gate_up()  # the down kernel's inputs
@@ -186,7 +183,7 @@ def test_triton_expert_kernel(benchmark: Any, ctx: BenchContext, kernel: str) ->
     def run() -> None:
         with torch.no_grad():
             if kernel == "router_topk":
-                routing.fused_router_topk(x, p.router_weight, s.top_k)
+                fused_router_topk(x, p.router_weight, s.top_k)
             elif kernel == "expert_gate_up":
                 run_gate_up()
             elif kernel == "expert_down":

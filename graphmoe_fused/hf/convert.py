@@ -54,7 +54,14 @@ def is_converted(model: nn.Module) -> bool:
     return any(isinstance(m, GraphMoEMLP) for m in model.modules())
 
 
-def _check_mlp(name: str, mlp: nn.Module) -> None:
+def _check_mlp(name: str, mlp: nn.Module, peft_layers: dict[str, str]) -> None:
+    wrapped = [n for n in (name, *(f"{name}.{p}" for p in MLP_PROJECTIONS)) if n in peft_layers]
+    if wrapped:
+        raise TypeError(
+            f"{wrapped[0]} is wrapped by PEFT, but GraphMoE replaces the MLP and computes its "
+            "experts from the bare gate/up/down projections: leave the MLP out of the PEFT "
+            "config's target_modules and modules_to_save"
+        )
     for proj in MLP_PROJECTIONS:
         linear = getattr(mlp, proj, None)
         if not isinstance(linear, nn.Linear):
@@ -71,7 +78,15 @@ def _check_mlp(name: str, mlp: nn.Module) -> None:
         raise ValueError(f"{name}.act_fn is {act!r}; GraphMoE needs a SiLU (SwiGLU) MLP")
 
 
-def _attention_projections(name: str, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+def _attention_projections(name: str, layer: nn.Module,
+                           peft_layers: dict[str, str]) -> list[tuple[nn.Module, str]]:
+    wrapped = [f"{name}.self_attn.{p}" for p in ATTENTION_PROJECTIONS
+               if f"{name}.self_attn.{p}" in peft_layers]
+    if wrapped:
+        raise TypeError(
+            f"{wrapped[0]} already has a PEFT adapter: pass a GraphMoEConfig with "
+            "attention_lora=False and let PEFT adapt the attention"
+        )
     attn = getattr(layer, "self_attn", None)
     found = [(attn, p) for p in ATTENTION_PROJECTIONS
              if attn is not None and isinstance(getattr(attn, p, None), nn.Linear)]
@@ -94,11 +109,18 @@ def apply_graphmoe(model: nn.Module, config: GraphMoEConfig | None = None) -> nn
     on ``model`` (see :mod:`graphmoe_fused.model_hooks`): outputs gain ``aux_loss`` and, with
     ``labels``, ``loss`` gains ``router_aux_loss_coef · aux_loss``. Works on meta-device models.
 
+    PEFT, in either order: on a ``peft.PeftModel`` the model it wraps is converted, PEFT's choice
+    of trainable parameters is kept (its adapters keep training) and the ``PeftModel`` is
+    prepared with :func:`~graphmoe_fused.prepare_peft_model` (GraphMoE tensors trainable and
+    saved by its ``save_pretrained``). PEFT must not target the MLP projections (GraphMoE
+    replaces the MLP), nor the attention projections unless ``attention_lora=False``.
+
     Everything is checked before anything is changed, so a failed call leaves ``model`` as it was.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, has no decoder layers, or a layer's MLP or
-            attention lacks the expected ``nn.Linear`` projections.
+            attention lacks the expected ``nn.Linear`` projections; or PEFT wraps an MLP, or an
+            attention projection while ``attention_lora``.
         ValueError: an MLP is biased or not SiLU-gated, or ``model`` is already converted.
     """
     if not isinstance(model, nn.Module):
@@ -109,18 +131,26 @@ def apply_graphmoe(model: nn.Module, config: GraphMoEConfig | None = None) -> nn
         raise TypeError(f"config must be a GraphMoEConfig, got {type(config).__name__}")
     if is_converted(model) or any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already converted to GraphMoE")
+    from .adapters import is_peft_model, peft_wrapper_names, unwrap_peft
 
-    layers = find_decoder_layers(model)
+    # A PeftModel is converted inside: the HF model it wraps gets the layers, the hooks and the
+    # config attribute, exactly as when PEFT wraps a converted model.
+    target = unwrap_peft(model)
+    peft_layers = peft_wrapper_names(target)
+    layers = find_decoder_layers(target)
     attention = []
     for name, layer in layers:
-        _check_mlp(f"{name}.mlp", layer.mlp)
+        _check_mlp(f"{name}.mlp", layer.mlp, peft_layers)
         if config.attention_lora:
-            attention.extend(_attention_projections(name, layer))
+            attention.extend(_attention_projections(name, layer, peft_layers))
     for _, layer in layers:
         # Validates the hidden size against the GRU ratio too (dh = 0 raises before any change).
         config.gru_hidden_size(layer.mlp.gate_proj.in_features)
 
-    model.requires_grad_(False)
+    if not peft_layers:
+        target.requires_grad_(False)
+    # else PEFT has frozen the base already and chose what trains (its adapters, modules_to_save,
+    # biases): freezing everything again would leave its adapters with nothing to train.
     for _, layer in layers:
         layer.mlp = GraphMoEMLP.from_mlp(layer.mlp, config)
     r = config.attention_lora_r or config.lora_r
@@ -128,10 +158,14 @@ def apply_graphmoe(model: nn.Module, config: GraphMoEConfig | None = None) -> nn
     for attn, proj in attention:
         setattr(attn, proj, LoRALinear(getattr(attn, proj), r, alpha, config.lora_dropout))
 
-    setattr(model, CONFIG_ATTRIBUTE, config)
-    hf_config = getattr(model, "config", None)
+    setattr(target, CONFIG_ATTRIBUTE, config)
+    hf_config = getattr(target, "config", None)
     if hf_config is not None and not isinstance(hf_config, GraphMoEConfig):
         # A plain dict so that save_pretrained's config.json records how the model was converted.
         setattr(hf_config, CONFIG_ATTRIBUTE, config.to_dict())
-    install_routing_hooks(model, [name for name, _ in layers], config)
+    install_routing_hooks(target, [name for name, _ in layers], config)
+    if is_peft_model(model):
+        from .pretrained import prepare_peft_model
+
+        prepare_peft_model(model)
     return model
