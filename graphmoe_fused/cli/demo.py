@@ -9,6 +9,7 @@ bit of it is learnt by the GraphMoE experts, the GRU and the attention LoRA).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import GraphMoEConfig
+from ..backends import resolve_backend
+from ..config import BACKENDS, GraphMoEConfig
 from ..hf.convert import apply_graphmoe
 from ..hf.stats import (
     ParameterReport,
@@ -31,6 +33,10 @@ from ..hf.stats import routing_statistics as _routing_statistics
 NUM_DIGITS = 10
 SEP, BOS, PAD = 10, 11, 12
 VOCAB_SIZE = 16
+MAX_SEED = 2**64 - 1
+# Device types the demo knows how to check for; others (meta, hpu, ...) are refused up front.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps or xpu"
 
 
 @dataclass
@@ -107,13 +113,127 @@ def _answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (predicted[keep] == target[keep]).float().mean().item()
 
 
+def parse_device(name: str) -> torch.device | None:
+    """``None`` for ``"auto"``, else the ``torch.device`` it names (not checked to exist).
+
+    Raises ``ValueError`` for a string torch does not read as a device, or for a device type the
+    demo does not run on (see :data:`DEVICE_TYPES`).
+    """
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name!r} is not a device: use {DEVICE_CHOICES}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"the demo does not run on {device.type!r} devices: use {DEVICE_CHOICES}")
+    return device
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device the demo runs on: ``"auto"`` is CUDA when present, else the CPU.
+
+    Raises ``ValueError`` when ``name`` is not a device, or names one this machine does not have
+    (``cuda`` on a CPU-only torch or without a GPU, ``cuda:3`` with one GPU, ``mps`` off Apple
+    silicon). The message is one line and does not repeat ``name`` unless it is the problem.
+    """
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else f"torch {torch.__version__} sees no CUDA GPU")
+            raise ValueError(f"CUDA is not available: {why}; use cpu or auto")
+        count = torch.cuda.device_count()
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("MPS is not available on this machine; use cpu or auto")
+        count = 1
+    else:  # xpu
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            raise ValueError("XPU is not available on this machine; use cpu or auto")
+        count = xpu.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{name!r} does not exist: this machine has "
+                         f"{_plural(count, device.type + ' device')}, numbered from 0")
+    return device
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raises ``ValueError`` when ``backend`` cannot run on ``device``.
+
+    ``triton`` needs the triton package (published for Linux only) and a CUDA device; on the CPU
+    it runs only under the Triton interpreter (``TRITON_INTERPRET=1`` in the environment: slow,
+    meant for tests). The other backends run wherever torch does.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if backend != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("triton needs the triton package, which is not installed (it is "
+                         "published for Linux only); use backend torch or auto")
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        from ..kernels.utils import is_interpreter
+
+        if is_interpreter():
+            return
+    raise ValueError(f"the triton backend needs a CUDA device and this run is on {device.type} "
+                     "(its kernels run on the CPU only under TRITON_INTERPRET=1, for tests); "
+                     "use backend torch or auto")
+
+
+def _describe_backend(backend: str, device: torch.device) -> str:
+    """``backend``, and what ``auto`` picks on ``device`` for training and for evaluation."""
+    if backend != "auto":
+        return backend
+    train = resolve_backend(backend, device, needs_grad=True)
+    infer = resolve_backend(backend, device, needs_grad=False)
+    return f"auto ({train})" if train == infer else f"auto ({train} to train, {infer} to evaluate)"
+
+
+def check_options(opts: DemoOptions) -> torch.device:
+    """Checks every option before anything is built; returns the device to run on.
+
+    Raises ``ValueError`` naming the option and the reason, in one line (the CLI prints it as
+    such). The GraphMoE options (experts, top-k, rank, rounds) are ``GraphMoEConfig``'s to check.
+    """
+    for name in ("steps", "batch_size", "seq_len", "hidden_size", "num_layers"):
+        value = getattr(opts, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    seed = opts.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64 - 1]")
+    lr = opts.lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+            math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    try:
+        device = resolve_device(opts.device)
+    except ValueError as exc:
+        raise ValueError(f"device={opts.device!r}: {exc}") from None
+    try:
+        check_backend(opts.backend, device)
+    except ValueError as exc:
+        raise ValueError(f"backend={opts.backend!r}: {exc}") from None
+    return device
+
+
 def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoResult:
     """Builds, converts, trains and evaluates; ``log`` gets the human-readable lines."""
     start = time.perf_counter()
-    if opts.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(opts.device)
+    device = check_options(opts)
     backend = opts.backend
     cfg = GraphMoEConfig(num_experts=opts.experts, top_k=opts.top_k, lora_r=opts.lora_r,
                          lora_alpha=2 * opts.lora_r, num_rounds=opts.rounds, backend=backend)
@@ -121,7 +241,7 @@ def run_demo(opts: DemoOptions, log: Callable[[str], None] = print) -> DemoResul
     report = parameter_report(model)
     log(f"tiny LLaMA: d={opts.hidden_size}, {opts.num_layers} layers, vocab {VOCAB_SIZE} -> "
         f"GraphMoE n={cfg.num_experts} k={cfg.top_k} r={cfg.lora_r} T={cfg.num_rounds} "
-        f"backend={backend} on {device}")
+        f"backend={_describe_backend(backend, device)} on {device}")
     log(str(report))
     log(f"task: copy up to {opts.seq_len} digits; loss on the copy (ln 10 = {math.log(10):.2f} "
         "is knowing only which tokens appear)")
