@@ -28,3 +28,60 @@ def make_layer(
     torch.manual_seed(seed)
     layer = gm.GraphMoEMLP(hidden, intermediate, cfg, dtype=dtype, device=device)
     return randomize_(layer, seed)
+
+
+def imported_modules(module: str, transitive: bool = False, within: str = "graphmoe_fused"
+                     ) -> set[str]:
+    """The modules ``module``'s source imports, read with ``ast`` (function-level imports
+    included), as absolute dotted names. ``from a.b import c`` gives ``a.b`` and ``a.b.c``
+    (``c`` may be a submodule); ``from . import c`` gives only ``package.c``. With
+    ``transitive``, the imports of every imported module under ``within`` are followed too. The
+    parent packages' ``__init__`` that Python runs on the way to a submodule are not counted:
+    they are how a submodule is reached, not something it uses."""
+    import ast
+    import importlib.util
+
+    def source_of(name: str) -> str | None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, AttributeError, ValueError):
+            return None
+        origin = spec.origin if spec is not None else None
+        return origin if origin and origin.endswith(".py") else None
+
+    def direct(name: str, path: str) -> set[str]:
+        is_package = path.endswith("__init__.py")
+        package = name if is_package else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    source = f"{base}.{node.module}" if node.module else base
+                else:
+                    source = node.module
+                if node.module:
+                    found.add(source)
+                found.update(f"{source}.{alias.name}" for alias in node.names)
+        return found
+
+    seen: set[str] = set()
+    todo = [module]
+    result: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = source_of(name)
+        if path is None:
+            continue
+        imports = direct(name, path)
+        result |= imports
+        if transitive:
+            todo.extend(m for m in imports if m == within or m.startswith(within + "."))
+        elif name == module:
+            break
+    return result

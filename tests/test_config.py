@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -24,6 +25,14 @@ def test_defaults_are_the_papers():
     assert cfg.attention_lora is True
     assert cfg.lora_scaling == 2.0
     assert cfg.gru_hidden_size(4096) == 409  # int(), as the paper's footnote 5 says
+    # Every field's default, so that an added field or a changed default shows up here.
+    assert cfg.to_dict() == {
+        "num_experts": 8, "top_k": 2, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+        "num_rounds": 3, "gru_hidden_ratio": 0.1, "router_aux_loss_coef": 0.01,
+        "backend": "auto", "gru_candidate_input": "y", "gru_candidate_activation": "sigmoid",
+        "attention_lora": True, "attention_lora_r": None, "attention_lora_alpha": None,
+        "router_init_std": 0.02, "recompute_intermediates": True,
+    }
 
 
 @pytest.mark.parametrize(
@@ -33,15 +42,20 @@ def test_defaults_are_the_papers():
         ("num_experts", 2.0),
         ("num_experts", True),
         ("top_k", 0),
+        ("top_k", 1.5),
         ("lora_r", 0),
         ("lora_r", -3),
         ("lora_alpha", 0),
         ("lora_alpha", float("inf")),
+        ("lora_alpha", True),
         ("lora_dropout", -0.1),
         ("lora_dropout", 1.0),
+        ("lora_dropout", "0.1"),
         ("num_rounds", 0),
+        ("num_rounds", 3.0),
         ("gru_hidden_ratio", 0),
         ("gru_hidden_ratio", -0.1),
+        ("gru_hidden_ratio", float("nan")),
         ("router_aux_loss_coef", -0.01),
         ("router_aux_loss_coef", float("nan")),
         ("backend", "cuda"),
@@ -51,6 +65,7 @@ def test_defaults_are_the_papers():
         ("attention_lora_r", 0),
         ("attention_lora_alpha", -1.0),
         ("router_init_std", 0.0),
+        ("router_init_std", float("nan")),
     ],
 )
 def test_bad_value_raises_naming_the_field(field, value):
@@ -74,8 +89,19 @@ def test_ratio_giving_zero_gru_width():
 
 
 def test_dict_and_json_round_trip():
-    cfg = gm.GraphMoEConfig(num_experts=4, top_k=1, gru_candidate_activation="tanh",
-                            attention_lora_r=8, backend="reference")
+    # Every field off its default: a field that to_dict / to_json dropped, or from_dict ignored,
+    # would come back as the default and break the equality.
+    cfg = gm.GraphMoEConfig(
+        num_experts=4, top_k=1, lora_r=8, lora_alpha=24.0, lora_dropout=0.2, num_rounds=2,
+        gru_hidden_ratio=0.5, router_aux_loss_coef=0.5, backend="reference",
+        gru_candidate_input="x", gru_candidate_activation="tanh", attention_lora=False,
+        attention_lora_r=2, attention_lora_alpha=4.0, router_init_std=0.5,
+        recompute_intermediates=False,
+    )
+    default = gm.GraphMoEConfig()
+    assert all(getattr(cfg, f.name) != getattr(default, f.name)
+               for f in dataclasses.fields(cfg))
+    assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(cfg)}
     assert gm.GraphMoEConfig.from_dict(cfg.to_dict()) == cfg
     assert gm.GraphMoEConfig.from_dict(json.loads(cfg.to_json())) == cfg
 

@@ -1,9 +1,16 @@
 """apply_graphmoe on Hugging Face models: identity at init, sharing, freezing, hooks, statistics,
-parameter counts (LLaMA-3-8B shapes on the meta device) and clear refusals."""
+parameter counts (LLaMA-3-8B shapes on the meta device) and clear refusals.
+
+Every test that runs the model runs it on the ``reference`` backend and on ``torch`` (what the
+default ``auto`` resolves to on a CPU, and so the path a user gets); two small ones also on
+``triton`` (under the Triton interpreter without a GPU: slow, so tiny batches). Counts are checked
+against the model's own config: ``k`` selections per real token per round, ``T`` rounds.
+"""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -15,6 +22,7 @@ import graphmoe_fused as gm
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 from .tiny_models import (
     ARCHITECTURES,
+    SHAPES,
     batch,
     converted,
     graphmoe_config,
@@ -23,15 +31,31 @@ from .tiny_models import (
 )
 
 ARCHS = sorted(ARCHITECTURES)
+# The model-level tests run on both CPU backends; "torch" is what backend="auto" runs on a CPU.
+MODEL_BACKENDS = ["reference", "torch"]
+# Two small tests also run the kernels (under the interpreter on a CPU: seconds per forward).
+NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed")
+TRITON = pytest.param("triton", marks=NEEDS_TRITON)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("train", [False, True])
-def test_fresh_conversion_computes_the_base_model(arch, train):
+def expected_counts(model: nn.Module, real_tokens: int) -> list[int]:
+    """Per round, the selections a layer's counters must hold: ``k`` per real token, ``T``
+    rounds (from the model's own config, not the test defaults)."""
+    cfg = model.graphmoe_config
+    return [cfg.top_k * real_tokens] * cfg.num_rounds
+
+
+@pytest.mark.parametrize(
+    ("arch", "train", "backend"),
+    [(arch, train, backend) for arch in ARCHS for train in (False, True)
+     for backend in MODEL_BACKENDS] + [pytest.param("llama", False, "triton", marks=NEEDS_TRITON)],
+)
+def test_fresh_conversion_computes_the_base_model(arch, train, backend):
     base = tiny_model(arch)
-    model = converted(arch, randomize=False, lora_dropout=0.1)
+    model = converted(arch, randomize=False, lora_dropout=0.1, backend=backend)
     model.train(train)
-    ids, mask, _ = batch()
+    ids, mask, _ = batch(2, 4) if backend == "triton" else batch()
     with torch.no_grad():
         expected = base(ids, attention_mask=mask).logits
         got = model(ids, attention_mask=mask).logits
@@ -94,9 +118,10 @@ def test_attention_lora_off_and_its_own_rank():
     assert q.lora_A.shape == (2, 32) and q.lora_B.shape == (32, 2) and q.scaling == 3.0
 
 
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_backward_reaches_only_trainable_parameters(arch):
-    model = converted(arch).train()
+def test_backward_reaches_only_trainable_parameters(arch, backend):
+    model = converted(arch, backend=backend).train()
     ids, mask, labels = batch()
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     for name, p in model.named_parameters():
@@ -114,8 +139,9 @@ def test_config_is_stored_on_the_model():
     assert model.config.to_dict()["graphmoe_config"]["num_experts"] == 6
 
 
-def test_positional_and_keyword_arguments_agree():
-    model = converted("llama").train()
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_positional_and_keyword_arguments_agree(backend):
+    model = converted("llama", lora_dropout=0.1, backend=backend).train()
     ids, mask, labels = batch()
     torch.manual_seed(0)
     by_name = model(input_ids=ids, attention_mask=mask, labels=labels)
@@ -125,8 +151,9 @@ def test_positional_and_keyword_arguments_agree():
     torch.testing.assert_close(positional.aux_loss, by_name.aux_loss, rtol=0, atol=0)
 
 
-def test_aux_loss_is_an_attribute_and_a_key_and_tuples_keep_the_loss():
-    model = converted("llama")
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_aux_loss_is_an_attribute_and_a_key_and_tuples_keep_the_loss(backend):
+    model = converted("llama", backend=backend)
     ids, mask, labels = batch()
     out = model(ids, attention_mask=mask, labels=labels)
     assert out.aux_loss is out["aux_loss"] and out.aux_loss.shape == ()
@@ -134,18 +161,22 @@ def test_aux_loss_is_an_attribute_and_a_key_and_tuples_keep_the_loss():
     torch.testing.assert_close(as_tuple[0], out.loss)
 
 
-def test_the_decoder_stack_called_alone_reports_aux_loss_and_counts():
-    model = converted("llama")
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_the_decoder_stack_called_alone_reports_aux_loss_and_counts(backend):
+    model = converted("llama", backend=backend)
     ids, mask, _ = batch()
     gm.reset_routing_statistics(model)
     out = model.model(ids, attention_mask=mask)
     assert out.aux_loss is out["aux_loss"]
     counts = gm.routing_statistics(model)
-    assert all(c.sum(-1).tolist() == [2 * int(mask.sum())] * 3 for c in counts.values())
+    assert all(c.sum(-1).tolist() == expected_counts(model, int(mask.sum()))
+               for c in counts.values())
 
 
-def test_routing_statistics_count_real_tokens_and_reset():
-    model = converted("mistral", num_rounds=2)
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_routing_statistics_count_real_tokens_and_reset(backend):
+    # k = 3 and T = 2, not the defaults: the counts must follow the config.
+    model = converted("mistral", top_k=3, num_rounds=2, backend=backend)
     ids, mask, labels = batch()
     with torch.no_grad():
         model(ids, attention_mask=mask, labels=labels)
@@ -153,19 +184,22 @@ def test_routing_statistics_count_real_tokens_and_reset():
     stats = gm.routing_statistics(model)
     assert list(stats) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     real = int(mask.sum()) + ids.numel()
+    cfg = model.graphmoe_config
     for counts in stats.values():
-        assert counts.shape == (2, 4)
-        assert counts.sum(-1).tolist() == [2 * real] * 2
+        assert counts.shape == (cfg.num_rounds, cfg.num_experts)
+        assert counts.sum(-1).tolist() == expected_counts(model, real)
         fractions = gm.routing_fractions(counts)
-        torch.testing.assert_close(fractions.sum(-1), torch.ones(2, dtype=torch.float64))
+        torch.testing.assert_close(fractions.sum(-1),
+                                   torch.ones(cfg.num_rounds, dtype=torch.float64))
     stats["model.layers.0.mlp"].zero_()  # a copy: the model's counters are untouched
     assert gm.routing_statistics(model)["model.layers.0.mlp"].sum() > 0
     gm.reset_routing_statistics(model)
     assert all(c.sum() == 0 for c in gm.routing_statistics(model).values())
 
 
-def test_generation_with_a_cache_counts_each_real_token_once():
-    model = converted("llama")
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_generation_with_a_cache_counts_each_real_token_once(backend):
+    model = converted("llama", top_k=1, num_rounds=4, backend=backend)
     ids, mask, _ = batch(batch_size=2, seq_len=5)
     gm.reset_routing_statistics(model)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
@@ -174,12 +208,13 @@ def test_generation_with_a_cache_counts_each_real_token_once():
     # The prompt's real tokens, then one new token per sequence in each of 2 cached steps.
     real = int(mask.sum()) + 2 * 2
     for counts in gm.routing_statistics(model).values():
-        assert counts.sum(-1).tolist() == [2 * real] * 3
+        assert counts.sum(-1).tolist() == expected_counts(model, real)
 
 
-def test_a_cached_step_applies_the_last_columns_of_the_mask():
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_a_cached_step_applies_the_last_columns_of_the_mask(backend):
     # With a cache the mask covers past and new tokens; the layers see only the new ones.
-    model = converted("llama")
+    model = converted("llama", backend=backend)
     ids, mask, _ = batch(batch_size=2, seq_len=5)
     with torch.no_grad():
         # The cache is named past_key_values in transformers 5.17 and cache in 5.24: go by
@@ -190,7 +225,7 @@ def test_a_cached_step_applies_the_last_columns_of_the_mask():
         new_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
         model(new_ids, torch.cat([mask, new_mask], 1), None, cache)
     for counts in gm.routing_statistics(model).values():
-        assert counts.sum(-1).tolist() == [2 * 5] * 3
+        assert counts.sum(-1).tolist() == expected_counts(model, int(new_mask.sum()))
 
 
 def test_token_mask_from_arguments():
@@ -208,8 +243,9 @@ def test_token_mask_from_arguments():
     assert token_mask_from({}) is None
 
 
-def test_a_deep_copy_keeps_working_hooks():
-    model = converted("llama")
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_a_deep_copy_keeps_working_hooks(backend):
+    model = converted("llama", backend=backend)
     twin = copy.deepcopy(model)
     gm.reset_routing_statistics(model)
     gm.reset_routing_statistics(twin)
@@ -316,4 +352,35 @@ def test_refuses_a_bad_config_object():
 
 def test_trainable_grads_helper_sees_every_trainable_parameter():
     model = converted("llama")
-    assert len(trainable_grads(model)) == 2 * (12 + 8)
+    # Per decoder layer: 12 GraphMoE tensors (router, 6 LoRA, 5 GRU) and 8 attention LoRA.
+    assert len(trainable_grads(model)) == SHAPES["num_hidden_layers"] * (12 + 8)
+
+
+# ---- the backends agree on a whole model ------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_a_backend_trains_the_model_as_the_reference_does(backend):
+    # Same weights (seeded), training mode with LoRA dropout: the layers draw their dropout
+    # seeds from the global generator, so one manual_seed gives both models the same masks.
+    ids, mask, labels = batch(2, 4) if backend == "triton" else batch()
+    results = {}
+    for name in ("reference", backend):
+        model = converted("llama", lora_dropout=0.1, backend=name).train()
+        gm.reset_routing_statistics(model)
+        torch.manual_seed(0)
+        out = model(ids, attention_mask=mask, labels=labels)
+        (out.loss + out.aux_loss).backward()
+        results[name] = (out, trainable_grads(model), gm.routing_statistics(model))
+    (want, want_grads, want_counts), (got, got_grads, got_counts) = results.values()
+    # Tokens route identically (these seeds have no near-tie), so only rounding differs: fp32
+    # sums of at most D' = 48 terms through two layers and three rounds.
+    assert all(torch.equal(got_counts[n], want_counts[n]) for n in want_counts)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-6, atol=0)
+    assert set(got_grads) == set(want_grads)
+    for name, want_grad in want_grads.items():
+        scale = want_grad.abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(got_grads[name], want_grad, rtol=0, atol=3e-5 * scale,
+                                   msg=name)

@@ -1,6 +1,8 @@
 """The reference backend against an independent formulation written here: one token at a time,
 one chosen expert at a time, with the merged weights ``W + c·B·A`` of Algorithm 1 (lines 8-9,
-Eq. 2) and the GRU of Eq. 6-7 spelled out, in fp64. Values and gradients must agree.
+Eq. 2) and the GRU of Eq. 6-7 spelled out, in fp64. Values and gradients must agree, of ``y``
+and of the router probabilities (which the load-balancing loss differentiates), with and without
+LoRA dropout. And the reference shares no code with the backends it judges.
 
 Input shapes: ``GraphMoEMLP`` takes ``[..., d]`` with any number of leading dimensions, a 1-D
 ``[d]`` (one token) included, like ``LlamaMLP``; only a 0-d input is rejected.
@@ -8,31 +10,40 @@ Input shapes: ``GraphMoEMLP`` takes ``[..., d]`` with any number of leading dime
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import graphmoe_fused.backends.reference as reference
 from graphmoe_fused.backends.dropout import lora_dropout_masks
+from graphmoe_fused.backends.reference import graphmoe_reference
 
-from .helpers import make_layer
+from .helpers import imported_modules, make_layer
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 
 
-def per_token_graphmoe(layer, x: torch.Tensor, masks=None) -> torch.Tensor:
+def per_token_graphmoe(layer, x: torch.Tensor, masks=None, routing: bool = False):
     """Algorithm 1 for each token separately. ``masks``: per round ``(keep_x, keep_h)`` to apply
-    the LoRA-input dropout (then the deltas see dropped inputs and the weights are not merged)."""
+    the LoRA-input dropout (then the deltas see dropped inputs and the weights are not merged).
+    Returns ``y [M, d]``, and with ``routing`` also the router probabilities ``[T, M, n]`` and
+    the chosen experts ``[T, M, k]``."""
     cfg = layer.config
     c, k, n = cfg.lora_scaling, cfg.top_k, cfg.num_experts
     p = 0.0 if masks is None else cfg.lora_dropout
     W_G, W_U, W_D = layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight
     R, gru = layer.router.weight, layer.gru
-    outputs = []
+    outputs, all_probs, all_chosen = [], [], []
     for m in range(x.shape[0]):
         x_t = x[m]
         h = x.new_zeros(gru.gru_hidden_size)
+        probs, chosen_per_round = [], []
         for t in range(cfg.num_rounds):
             s = torch.softmax(R @ x_t, dim=0)
             chosen = sorted(range(n), key=lambda i: (-s[i].item(), i))[:k]
+            probs.append(s)
+            chosen_per_round.append(chosen)
             total = sum(s[i] for i in chosen)
             y = x.new_zeros(x.shape[-1])
             for slot, i in enumerate(chosen):
@@ -62,7 +73,14 @@ def per_token_graphmoe(layer, x: torch.Tensor, masks=None) -> torch.Tensor:
             h = (1 - z) * h + z * h_cand
             x_t = x_t + gru.weight_g @ h
         outputs.append(y)
-    return torch.stack(outputs)
+        all_probs.append(torch.stack(probs))
+        all_chosen.append(chosen_per_round)
+    y = torch.stack(outputs)
+    if not routing:
+        return y
+    probs = torch.stack(all_probs, 1) if all_probs else x.new_zeros(cfg.num_rounds, 0, n)
+    chosen = torch.tensor(all_chosen, dtype=torch.long).reshape(-1, cfg.num_rounds, k)
+    return y, probs, chosen.transpose(0, 1)
 
 
 def _layer(**cfg):
@@ -71,24 +89,50 @@ def _layer(**cfg):
                       num_experts=4, lora_r=3, **cfg)
 
 
-def _check_values_and_grads(layer, x):
+def _check_values_and_grads(layer, x, dropout_seed: int = 123):
+    """The layer (and, for the router probabilities, the reference backend itself) against the
+    per-token loop: values, chosen experts, and the gradients of ``x`` and every trainable
+    parameter for random upstream gradients of both ``y`` and the router probabilities. In
+    training mode with dropout, the same masks on both sides."""
+    d = x.shape[-1]
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
+    torch.manual_seed(dropout_seed)  # the layer draws its dropout seed from the global generator
     y = layer(x1)
+    torch.manual_seed(dropout_seed)
+    opt = layer.round_options()
+    out = graphmoe_reference(x1.reshape(-1, d), layer.params(), opt)
+    masks = None
+    if opt.dropout_p > 0:
+        masks = [lora_dropout_masks(opt.dropout_seed, t, out.y.shape[0], d, opt.top_k,
+                                    layer.intermediate_size, opt.dropout_p, x.device)
+                 for t in range(opt.num_rounds)]
     assert y.shape == x.shape and y.dtype == x.dtype
-    expected = per_token_graphmoe(layer, x2.reshape(-1, x.shape[-1])).reshape(x.shape)
+    expected, probs, chosen = per_token_graphmoe(layer, x2.reshape(-1, d), masks, routing=True)
+    expected = expected.reshape(x.shape)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.y.view(x.shape), y, rtol=0, atol=0)
+    assert torch.equal(out.expert_index, chosen)
+    torch.testing.assert_close(out.router_probs, probs, rtol=1e-10, atol=1e-14)
 
-    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    g = torch.Generator().manual_seed(7)
+    probe = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    probe_probs = torch.randn(probs.shape, generator=g, dtype=probs.dtype)
     params = [p for p in layer.parameters() if p.requires_grad]
-    got = torch.autograd.grad((y * probe).sum(), [x1, *params], allow_unused=True)
-    want = torch.autograd.grad((expected * probe).sum(), [x2, *params], allow_unused=True)
     names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
-    for name, g, w in zip(names, got, want, strict=True):
-        if w is None:  # the GRU is unused with one round
-            assert g is None or torch.count_nonzero(g) == 0, name
-            continue
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=name)
+    for loss_got, loss_want, what in (
+        ((y * probe).sum(), (expected * probe).sum(), "y"),
+        ((out.router_probs * probe_probs).sum(), (probs * probe_probs).sum(), "router_probs"),
+    ):
+        got = torch.autograd.grad(loss_got, [x1, *params], allow_unused=True, retain_graph=True)
+        want = torch.autograd.grad(loss_want, [x2, *params], allow_unused=True,
+                                   retain_graph=True)
+        for name, g, w in zip(names, got, want, strict=True):
+            if w is None:  # the GRU is unused with one round; the experts, by the probabilities
+                assert g is None or torch.count_nonzero(g) == 0, f"{what}: {name}"
+                continue
+            assert g is not None, f"{what}: {name}"
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=f"{what}: {name}")
 
 
 @pytest.mark.parametrize("rounds", [1, 2, 3, 4])
@@ -139,15 +183,18 @@ def test_every_trainable_parameter_gets_a_gradient():
         "gate_proj.weight", "up_proj.weight", "down_proj.weight"}
 
 
-def test_dropout_matches_per_token_loop_with_the_same_masks():
-    layer = _layer(num_rounds=3, lora_dropout=0.3).train()
+@pytest.mark.parametrize("candidate_input", ["y", "x"])
+def test_dropout_matches_per_token_loop_with_the_same_masks(candidate_input):
+    layer = _layer(num_rounds=3, lora_dropout=0.3, gru_candidate_input=candidate_input).train()
     x = torch.randn(6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    _check_values_and_grads(layer, x)  # values and gradients with the masks of one seed
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)  # the layer draws its dropout seed from the global generator
     seed = layer.round_options().dropout_seed
     masks = [lora_dropout_masks(seed, t, 6, 16, layer.config.top_k, 24, 0.3, x.device)
              for t in range(3)]
+    assert any(not keep.all() for pair in masks for keep in pair)  # some entries are dropped
     torch.testing.assert_close(y, per_token_graphmoe(layer, x, masks), rtol=1e-10, atol=1e-12)
     # and dropout does change the result (so the masks above were really applied)
     assert not torch.allclose(y, per_token_graphmoe(layer, x))
@@ -157,3 +204,36 @@ def test_eval_mode_has_no_dropout():
     layer = _layer(num_rounds=2, lora_dropout=0.5).eval()
     x = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(layer(x), per_token_graphmoe(layer, x), rtol=1e-10, atol=1e-12)
+
+
+# ---- the oracle is independent ------------------------------------------------------------------
+
+# What the reference judges: it may share the contract and the dropout-mask definition, no maths.
+JUDGED = ("graphmoe_fused.backends.torch", "graphmoe_fused.backends.triton",
+          "graphmoe_fused.kernels", "kernels")
+
+
+def _judged(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in JUDGED)
+
+
+def test_the_reference_imports_nothing_from_the_backends_it_judges():
+    # Its source and everything it imports from the package, followed transitively (the parent
+    # package's __init__, which Python runs to reach any submodule, is not a dependency).
+    imports = imported_modules("graphmoe_fused.backends.reference", transitive=True)
+    assert "graphmoe_fused.backends.dropout" in imports  # the walk read reference.py
+    assert not sorted(m for m in imports if _judged(m))
+    # The detector does see such an import where there is one: the triton backend's backward
+    # recomputes with the torch backend, and it launches the kernels.
+    triton_imports = imported_modules("graphmoe_fused.backends.triton")
+    assert any(m.startswith("graphmoe_fused.backends.torch") for m in triton_imports)
+    assert any(m.startswith("graphmoe_fused.kernels") for m in triton_imports)
+
+
+def test_nothing_in_the_reference_namespace_comes_from_the_backends_it_judges():
+    # Catches a re-export too (a name taken from a package that got it from the torch backend).
+    for name, value in vars(reference).items():
+        module = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        assert not (isinstance(module, str) and _judged(module)), f"{name} from {module}"
+    assert reference.route.__module__ == reference.__name__
+    assert reference.lowrank_gru_step.__module__ == reference.__name__
