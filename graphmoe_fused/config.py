@@ -85,6 +85,9 @@ class GraphMoEConfig:
         if self.attention_lora_alpha is not None:
             self._check_positive("attention_lora_alpha")
         self._check_positive("router_init_std")
+        for name in ("attention_lora", "recompute_intermediates"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)

@@ -65,6 +65,8 @@ def test_defaults_are_the_papers():
         ("attention_lora_r", 0),
         ("attention_lora_alpha", -1.0),
         ("router_init_std", 0.0),
+        ("attention_lora", "yes"),
+        ("recompute_intermediates", 1),
         ("router_init_std", float("nan")),
     ],
 )
