@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
 
 from torch import Tensor
@@ -25,20 +27,34 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def resolve_backend(name: str, device: Device, needs_grad: bool = False) -> str:
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (its wheels exist for Linux only)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str, device: Device | str, needs_grad: bool = False) -> str:
     """``auto`` → ``triton`` on CUDA for inference, ``torch`` elsewhere; other names pass through.
 
     A training step (``needs_grad``) goes to ``torch`` on CUDA too: until the Triton backward
     kernels exist, the triton backend's backward recomputes the forward with the torch backend,
-    so a triton training step costs a torch step plus the kernels' forward.
+    so a triton training step costs a torch step plus the kernels' forward. CUDA without triton
+    (Windows: no wheels) goes to ``torch`` as well, rather than to an import error.
     """
     if name == "auto":
-        return "triton" if device.type == "cuda" and not needs_grad else "torch"
+        device = Device(device)  # also takes "cuda:0"
+        use_triton = device.type == "cuda" and not needs_grad and triton_available()
+        return "triton" if use_triton else "torch"
     return name
 
 
 def get_backend(name: str) -> Backend:
     """The backend function called ``name`` (not ``auto``: resolve it first)."""
-    if name not in BACKENDS:
+    if name == "auto":
+        raise ValueError(
+            "get_backend takes a concrete backend; resolve 'auto' first with "
+            "resolve_backend('auto', device, needs_grad)"
+        )
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)} or 'auto'")
     return BACKENDS[name]

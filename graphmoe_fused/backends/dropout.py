@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .contract import new_empty
+
 
 def lora_dropout_masks(
     seed: int, round_index: int, num_tokens: int, hidden: int, top_k: int,
@@ -19,8 +21,11 @@ def lora_dropout_masks(
     """Boolean keep-masks ``(keep_x [M, d], keep_h [M, k, D'])`` for one round."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + round_index)
-    keep_x = torch.empty(num_tokens, hidden, device=device).bernoulli_(1.0 - p, generator=generator)
-    keep_h = torch.empty(num_tokens, top_k, intermediate, device=device).bernoulli_(
+    # bernoulli_ overwrites every element of its (possibly poisoned) buffer.
+    keep_x = new_empty((num_tokens, hidden), torch.float32, device).bernoulli_(
+        1.0 - p, generator=generator
+    )
+    keep_h = new_empty((num_tokens, top_k, intermediate), torch.float32, device).bernoulli_(
         1.0 - p, generator=generator
     )
     return keep_x.bool(), keep_h.bool()

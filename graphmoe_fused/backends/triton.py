@@ -13,14 +13,16 @@ LoRA dropout uses :func:`.dropout.lora_dropout_masks` with the options' seed and
 index: the masks are the reference's, and again the same in the recomputing backward.
 
 Training: the kernels are forward-only for now (backward kernels are a later issue). The forward
-runs inside a ``torch.autograd.Function`` that saves only its inputs (``x`` and the parameters,
-which are not copies); its backward recomputes the forward with the differentiable torch backend
-(:func:`graphmoe_fused.backends.torch.graphmoe_torch`) under ``torch.enable_grad`` and returns
-``torch.autograd.grad`` for ``x`` and every parameter that requires grad, from the gradients of
-both differentiable outputs, ``y`` and ``router_probs``. The recompute sees the same dropout masks
-and autocast state as the forward; its routing is recomputed too, so a token whose top-k is a
-near-tie that the two backends' rounding breaks differently gets the gradient of the torch
-backend's choice (rare, and only at a tie).
+runs inside a ``torch.autograd.Function`` that saves its inputs (``x`` and the parameters, which
+are not copies) and the experts the router kernel chose (``[T, M, k]`` int64); its backward
+recomputes the forward with the differentiable torch backend
+(:func:`graphmoe_fused.backends.torch.graphmoe_torch`) under ``torch.enable_grad``, *with those
+experts* (its ``expert_index``), and returns ``torch.autograd.grad`` for ``x`` and every
+parameter that requires grad, from the gradients of both differentiable outputs, ``y`` and
+``router_probs``. The recompute sees the same dropout masks, autocast state and routing as the
+forward: at a near tie the torch backend's own top-k could pick another expert than the kernel
+(the kernel's logits are summed in another order than cuBLAS's), and the gradient would then be
+that of a function the forward never computed.
 
 Devices: CUDA; CPU only under ``TRITON_INTERPRET=1`` (set before importing triton), for tests.
 """
@@ -36,10 +38,11 @@ from .contract import (
     RoundOptions,
     RoutedOutput,
     check_frozen_base,
+    check_inputs,
     compute_dtype,
 )
 from .dropout import apply_dropout, lora_dropout_masks
-from .torch import graphmoe_torch
+from .torch import graphmoe_torch, graphmoe_torch_unchecked
 
 
 def _interpreting() -> bool:
@@ -134,21 +137,25 @@ class _TritonGraphMoE(torch.autograd.Function):
             out = _forward(x.to(cd), p, opt)
         ctx.opt = opt
         ctx.autocast = (autocast, autocast_dtype)
-        ctx.save_for_backward(x, *params)
+        ctx.save_for_backward(x, out.expert_index, *params)
         ctx.mark_non_differentiable(out.expert_index)
         return out.y.to(x.dtype), out.router_probs, out.expert_index
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _grad_index):
-        x, *params = ctx.saved_tensors
+        x, expert_index, *params = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
         autocast, autocast_dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=autocast_dtype,
                                                  enabled=autocast):
             inputs = [t.detach().requires_grad_(need)
                       for t, need in zip((x, *params), needs, strict=True)]
-            out = graphmoe_torch(inputs[0], GraphMoEParams(*inputs[1:]), ctx.opt)
+            # The forward's routing, not a fresh top-k (module docstring). The router kernel
+            # made the index (in range, one expert per slot) and forward checked the shapes:
+            # the unchecked entry skips the value check's device sync.
+            out = graphmoe_torch_unchecked(inputs[0], GraphMoEParams(*inputs[1:]), ctx.opt,
+                                           expert_index=expert_index)
         outputs, grad_outputs = [], []
         # Gradients may arrive expanded (stride 0); the torch backend wants them dense.
         if grad_y is not None:
@@ -170,9 +177,9 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
     """The backend contract of :mod:`graphmoe_fused.backends.contract` on the Triton kernels.
 
     Forward: the kernels (router/top-k, fused LoRA-expert gate/up, down, low-rank GRU) per round.
-    Backward: recomputes the forward with the differentiable torch backend and returns
-    ``torch.autograd.grad`` of it, for ``x`` and every parameter that requires grad (see the
-    module docstring); ``router_probs`` is a differentiable output.
+    Backward: recomputes the forward with the differentiable torch backend, routed to the experts
+    the kernels chose, and returns ``torch.autograd.grad`` of it, for ``x`` and every parameter
+    that requires grad (see the module docstring); ``router_probs`` is a differentiable output.
 
     Args:
         x: ``[M, d]`` round-1 input, fp16/bf16/fp32, on CUDA (CPU only under
@@ -185,10 +192,12 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
     Raises:
         RuntimeError: off CUDA without the interpreter, or when a base weight requires grad.
         TypeError: for an input dtype the kernels do not take (fp64: use ``backend="torch"``).
+        ValueError: inputs whose shapes or devices do not fit together (each named).
 
     Configurations the kernels do not cover (more than 64 experts, or ``n·r`` past the
     masked-dense limit of 256) run on the torch backend instead, with a warning.
     """
+    check_inputs(x, p, opt, "triton")
     check_runnable(x)
     check_frozen_base(p, "triton")
     cd = compute_dtype(x)

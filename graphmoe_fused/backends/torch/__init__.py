@@ -1,6 +1,6 @@
 """The `torch` backend: the GraphMoE layer in plain PyTorch, the fast way, on any device
 (see :mod:`.rounds`)."""
 
-from .rounds import graphmoe_torch
+from .rounds import check_expert_index, graphmoe_torch, graphmoe_torch_unchecked
 
-__all__ = ["graphmoe_torch"]
+__all__ = ["check_expert_index", "graphmoe_torch", "graphmoe_torch_unchecked"]

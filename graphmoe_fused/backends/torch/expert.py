@@ -35,6 +35,8 @@ import functools
 
 import torch
 
+from ..contract import new_empty, new_empty_like
+
 # Largest n·r for which the masked plan is chosen. On a GPU all experts' rank-r columns fit one
 # tensor-core tile up to ~256 (DESIGN §2), so the n-fold FLOPs are nearly free. A CPU has no
 # such tile: the masked products cost n·r·D' FLOPs per pair, compute-bound, while the grouped
@@ -119,7 +121,7 @@ class MaskedPlan:
         flat = factor.reshape(n * r, w)
         if base is None:
             return (masked.view(k * m, n * r) @ flat).view(k, m, w)
-        out = base.new_empty(k, m, w)
+        out = new_empty((k, m, w), base.dtype, base.device)
         for j in range(k):
             torch.addmm(base, masked[j], flat, out=out[j])
         return out
@@ -159,7 +161,7 @@ class GroupedPlan:
         self.token = torch.div(self.pair_id, self.top_k, rounding_mode="floor")
         # Sorted position of each (token, slot): adding a token-level tensor to the pair rows
         # is then k index_add_ calls over M rows each, not a gathered [P, w] temporary.
-        positions = torch.empty_like(self.pair_id)
+        positions = new_empty_like(self.pair_id)
         positions.scatter_(0, self.pair_id, torch.arange(flat.numel(), device=flat.device))
         self.slot_position = positions.view(self.num_tokens, self.top_k)
         counts = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
@@ -172,7 +174,7 @@ class GroupedPlan:
         return t.reshape(-1, *t.shape[2:]).index_select(0, self.pair_id)
 
     def from_pairs(self, t: torch.Tensor) -> torch.Tensor:
-        out = t.new_empty(t.shape)
+        out = new_empty_like(t)
         out.index_copy_(0, self.pair_id, t)
         return out.view(self.num_tokens, self.top_k, *t.shape[1:])
 
@@ -245,7 +247,7 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 def grouped_supported(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
     """``_grouped_mm`` needs 16-byte-aligned row strides for every operand width."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if any((w * itemsize) % 16 for w in widths):
         return False
     return _grouped_mm_works(device.type, dtype)

@@ -29,6 +29,12 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
 * **Dropout** uses :func:`..dropout.lora_dropout_masks` with the options' seed and the round
   index, in forward and again in backward, so no ``[M, k, D']`` mask is saved and the
   masks equal the reference's.
+* **A given routing** (``expert_index``, ``[T, M, k]``) replaces each round's top-k; the
+  probabilities are still computed and differentiated, and the weights are the probabilities at
+  the given experts, renormalised. The triton backend's backward uses it to recompute with the
+  experts its kernels chose (at a near tie the two routers can round apart).
+* **Bad input** (shapes, devices, dtypes, options, a malformed ``expert_index``) is rejected with
+  an error naming it before anything runs (:func:`..contract.check_inputs`).
 
 Double backward is not supported (``once_differentiable``).
 """
@@ -45,7 +51,9 @@ from ..contract import (
     RoundOptions,
     RoutedOutput,
     check_frozen_base,
+    check_inputs,
     compute_dtype,
+    new_empty,
 )
 from ..dropout import apply_dropout, lora_dropout_masks
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
@@ -63,7 +71,7 @@ class _Static(NamedTuple):
 
 def _rank_major(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A LoRA ``B`` factor ``[n, w, r]`` as ``[n, r, w]`` (see torch_expert), contiguous."""
-    out = torch.empty(b.shape[0], b.shape[2], b.shape[1], dtype=dtype, device=b.device)
+    out = new_empty((b.shape[0], b.shape[2], b.shape[1]), dtype, b.device)
     return out.copy_(b.transpose(1, 2))
 
 
@@ -142,13 +150,22 @@ class _RoundOut(NamedTuple):
     base: tuple[torch.Tensor, torch.Tensor] | None  # (G, U) [M, D'], kept without recomputation
 
 
-def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int) -> _RoundOut:
+def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int,
+                   forced: torch.Tensor | None) -> _RoundOut:
+    """One round; ``forced`` (``[M, k]``) fixes the experts instead of the top-k."""
     opt, cd = st.opt, st.compute_dtype
     acc = torch.promote_types(cd, torch.float32)
     c = opt.lora_scaling
     xc = x_t.to(cd)
     probs = router_probabilities(xc @ w.router.t())
-    weights, experts = select_experts(probs, opt.top_k)
+    if forced is None:
+        weights, experts = select_experts(probs, opt.top_k)
+    else:
+        # The probabilities are still this round's (and differentiated); only the choice is
+        # given. The weights are the probabilities at the given experts, renormalised, which is
+        # what the backward differentiates for either kind of choice.
+        experts = forced
+        weights = _renormalised_weights(probs, experts)
     plan = make_plan(st.plan, experts, w.router.shape[0])
     masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
 
@@ -273,10 +290,12 @@ def _round_backward(
 
 
 class _GraphMoEFunction(torch.autograd.Function):
-    """``(x, static, *params) -> (y, router_probs, expert_index)`` with a recomputing backward."""
+    """``(x, static, forced_index, *params) -> (y, router_probs, expert_index)`` with a
+    recomputing backward; ``forced_index`` (``[T, M, k]`` or ``None``) fixes the routing."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, st: _Static, *params: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, st: _Static, forced_index: torch.Tensor | None,
+                *params: torch.Tensor):
         p = GraphMoEParams(*params)
         opt, cd = st.opt, st.compute_dtype
         acc = torch.promote_types(cd, torch.float32)
@@ -287,7 +306,8 @@ class _GraphMoEFunction(torch.autograd.Function):
             rounds: list[_RoundOut] = []
             states, outputs = [], []
             for t in range(opt.num_rounds):
-                rnd = _round_forward(x_t, w, st, t)
+                rnd = _round_forward(x_t, w, st, t,
+                                     None if forced_index is None else forced_index[t])
                 rounds.append(rnd)
                 if t == opt.num_rounds - 1:
                     break
@@ -382,7 +402,8 @@ class _GraphMoEFunction(torch.autograd.Function):
         gru = num_rounds > 1
         grads_out = (
             cast(grad_x, x) if ctx.needs_input_grad[0] else None,
-            None, None, None, None,  # static, frozen base gate / up / down
+            None, None,  # static, forced_index
+            None, None, None,  # frozen base gate / up / down
             cast(grads.router, p.router_weight),
             cast(grads.a_gate_up[:, :r], p.lora_A_gate),
             cast(grads.bt_gate.transpose(1, 2), p.lora_B_gate),
@@ -400,8 +421,55 @@ class _GraphMoEFunction(torch.autograd.Function):
                      for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
 
 
+def check_expert_index(index: object, x: torch.Tensor, opt: RoundOptions, num_experts: int,
+                       values: bool = True) -> torch.Tensor:
+    """A given routing ``[T, M, k]`` as int64, or a ``ValueError`` / ``TypeError`` naming what
+    is wrong with it. ``values`` also checks every entry is an expert (``0 <= e < n``) and no
+    token takes one expert twice in a round: that reads the tensor on the host (one device
+    sync), so a caller whose index a router made (the triton backend's backward) skips it."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"expert_index must be a torch.Tensor, got {type(index).__name__}")
+    shape = (opt.num_rounds, x.shape[0], opt.top_k)
+    if tuple(index.shape) != shape:
+        raise ValueError(
+            f"expert_index has shape {tuple(index.shape)}; expected [rounds, tokens, top_k] = "
+            f"{list(shape)}"
+        )
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"expert_index has dtype {index.dtype}; expected an integer dtype")
+    if index.device != x.device:
+        raise ValueError(f"expert_index is on {index.device} but x is on {x.device}")
+    index = index.to(torch.int64)
+    if values and index.numel():
+        if bool(((index < 0) | (index >= num_experts)).any()):
+            raise ValueError(
+                f"expert_index has entries outside [0, {num_experts}), the layer's experts"
+            )
+        ordered = index.sort(-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            raise ValueError("expert_index chooses one expert twice for a token in a round")
+    return index
+
+
+def _plan_for(x: torch.Tensor, p: GraphMoEParams, cd: torch.dtype,
+              expert_plan: str | None) -> str:
+    n, r, d = p.lora_A_gate.shape
+    widths = (r, 2 * r, d, p.gate_weight.shape[0])
+    if expert_plan is None:
+        return choose_expert_plan(x.device, cd, n, r, widths)
+    if not isinstance(expert_plan, str) or expert_plan not in PLANS:
+        raise ValueError(f"expert_plan={expert_plan!r} must be one of {sorted(PLANS)} or None")
+    if expert_plan == "grouped" and not grouped_supported(x.device, cd, widths):
+        raise ValueError(
+            f"expert_plan='grouped' needs torch._grouped_mm for {x.device.type}/{cd} with "
+            f"16-byte-aligned widths {widths}; use 'masked'"
+        )
+    return expert_plan
+
+
 def graphmoe_torch(
-    x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions, *, expert_plan: str | None = None
+    x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions, *, expert_plan: str | None = None,
+    expert_index: torch.Tensor | None = None,
 ) -> RoutedOutput:
     """The backend contract of :mod:`graphmoe_fused.backends.contract`, in plain PyTorch.
 
@@ -411,22 +479,36 @@ def graphmoe_torch(
         opt: rounds, top-k, scaling, GRU options, dropout and recomputation.
         expert_plan: ``"masked"`` or ``"grouped"`` to force how the per-expert LoRA products
             are batched (see :mod:`.expert`); ``None`` chooses by shape.
+        expert_index: ``[T, M, k]`` integer experts to use instead of each round's top-k
+            (slot ``j`` of a token draws slot ``j``'s dropout mask). The router
+            probabilities are still computed, returned and differentiated; the mixing
+            weights are the probabilities at the given experts, renormalised. For a caller
+            that must reproduce a routing made elsewhere: the triton backend's backward
+            recomputes with the experts its kernels chose, which at a near tie can differ
+            from this backend's own choice. Checking its values costs one device sync.
     Returns:
         ``y_T`` in x's dtype, the ``[T, M, n]`` router probabilities (fp32 or wider, and
-        differentiable) and the ``[T, M, k]`` chosen experts.
+        differentiable) and the ``[T, M, k]`` chosen experts (``expert_index`` if given).
+    Raises:
+        ValueError / TypeError: inputs that do not fit together (each named), an unknown or
+            unsupported ``expert_plan``, a malformed ``expert_index``.
+        RuntimeError: a base weight that requires grad while grad mode is on.
     """
+    check_inputs(x, p, opt, "torch")
+    if expert_index is not None:
+        expert_index = check_expert_index(expert_index, x, opt, p.router_weight.shape[0])
+    return graphmoe_torch_unchecked(x, p, opt, expert_plan=expert_plan, expert_index=expert_index)
+
+
+def graphmoe_torch_unchecked(
+    x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions, *, expert_plan: str | None = None,
+    expert_index: torch.Tensor | None = None,
+) -> RoutedOutput:
+    """:func:`graphmoe_torch` for a caller that has checked its inputs already: the shapes
+    by :func:`..contract.check_inputs` and ``expert_index`` (int64, right shape and device)
+    without the device sync of its value check (see :func:`check_expert_index`)."""
     check_frozen_base(p, "torch")
     cd = compute_dtype(x)
-    n, r, d = p.lora_A_gate.shape
-    widths = (r, 2 * r, d, p.gate_weight.shape[0])
-    if expert_plan is None:
-        expert_plan = choose_expert_plan(x.device, cd, n, r, widths)
-    elif expert_plan not in PLANS:
-        raise ValueError(f"expert_plan={expert_plan!r} must be one of {sorted(PLANS)} or None")
-    elif expert_plan == "grouped" and not grouped_supported(x.device, cd, widths):
-        raise ValueError(
-            f"expert_plan='grouped' needs torch._grouped_mm for {x.device.type}/{cd} with "
-            f"16-byte-aligned widths {widths}; use 'masked'"
-        )
-    y, probs, index = _GraphMoEFunction.apply(x, _Static(opt, cd, expert_plan), *p)
+    plan = _plan_for(x, p, cd, expert_plan)
+    y, probs, index = _GraphMoEFunction.apply(x, _Static(opt, cd, plan), expert_index, *p)
     return RoutedOutput(y, probs, index)
