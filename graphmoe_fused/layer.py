@@ -7,17 +7,61 @@ The module holds parameters and bookkeeping only; the maths lives in the backend
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .backends import get_backend, resolve_backend
-from .backends.contract import GraphMoEParams, RoundOptions
+from .backends import Backend, get_backend, resolve_backend
+from .backends.contract import GraphMoEParams, RoundOptions, RoutedOutput
 from .config import GraphMoEConfig
-from .hf.aux_loss import AuxLossGradInjector, RoutingRecorder  # TEMPORARY: moves to the HF hooks
 from .load_balancing import expert_selection_counts, load_balancing_loss
 from .lowrank_gru import LowRankGRU
+
+
+class RoutingEvent(NamedTuple):
+    """What a routing hook (:meth:`GraphMoEMLP.register_routing_hook`) sees of one forward.
+
+    ``routed`` is the backend's output (``router_probs [T, M, n]``, ``expert_index [T, M, k]``);
+    ``aux_loss`` is the ``[T]`` per-round load-balancing loss, differentiable whenever autograd
+    records (what ``forward(..., return_aux_loss=True)`` averages); ``token_mask`` is the ``[M]``
+    bool mask it was computed with (``None``: every token); ``stats_updated`` says whether this
+    forward updated ``expert_counts`` and ``last_aux_loss``.
+    """
+
+    routed: RoutedOutput
+    aux_loss: torch.Tensor
+    token_mask: torch.Tensor | None
+    stats_updated: bool
+
+
+RoutingHook = Callable[["GraphMoEMLP", RoutingEvent, torch.Tensor], "torch.Tensor | None"]
+
+# Backends torch.compile cannot trace: the Triton backend (its kernels under the CPU interpreter
+# fail in Dynamo's fake-tensor propagation with an unrelated-looking error; its backward
+# recomputes with torch.autograd.grad).
+EAGER_ONLY_BACKENDS = ("triton",)
+
+
+def _refuse_compile(backend: Backend) -> None:
+    """Raises a clear error when ``torch.compile`` traces a layer on an eager-only backend.
+
+    A plain ``raise`` would not do: Dynamo takes an exception raised in traced code as a reason
+    to fall back to eager, where ``is_compiling()`` is false, so nothing would be reported
+    (measured). ``torch._dynamo.exc.UserError`` (a ``RuntimeError``) is passed on to the caller.
+    """
+    if torch.compiler.is_compiling() and any(
+            backend is get_backend(name) for name in EAGER_ONLY_BACKENDS):
+        from torch._dynamo.exc import UserError, UserErrorType
+
+        raise UserError(
+            UserErrorType.INVALID_INPUT,
+            "the 'triton' GraphMoE backend cannot run under torch.compile; use backend='torch' "
+            "(or 'reference') in a compiled model, or leave the model uncompiled",
+        )
 
 
 def is_silu(act: nn.Module | Callable) -> bool:
@@ -40,7 +84,12 @@ class GraphMoEMLP(nn.Module):
 
     Bookkeeping: ``expert_counts`` (``[T, n]``) counts the tokens that chose each expert per round
     since :meth:`reset_routing_stats`; ``last_aux_loss`` is the ``[T]`` load-balancing loss of
-    the last forward (detached).
+    the last forward (detached). ``forward``'s ``token_mask`` leaves padding out of both, and
+    ``update_stats=False`` leaves both alone (for a forward that repeats one already counted).
+
+    Observers: :meth:`register_routing_hook`. The layer knows nothing of who observes it: the
+    Hugging Face glue (:mod:`graphmoe_fused.hf`) builds the model's load-balancing loss from
+    these hooks plus ordinary forward pre-hooks that pass ``token_mask`` and ``update_stats``.
     """
 
     def __init__(
@@ -94,7 +143,7 @@ class GraphMoEMLP(nn.Module):
             torch.zeros(config.num_rounds, n, dtype=torch.long, device=device),
             persistent=False,
         )
-        self.recorder: RoutingRecorder | None = None
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
         self.last_aux_loss: torch.Tensor | None = None
         self.reset_parameters()
 
@@ -188,36 +237,70 @@ class GraphMoEMLP(nn.Module):
                 "(cast one of them, or run under torch.autocast)"
             )
 
-    def forward(self, x: torch.Tensor, return_aux_loss: bool = False):
+    def forward(
+        self, x: torch.Tensor, return_aux_loss: bool = False, *,
+        token_mask: torch.Tensor | None = None, update_stats: bool = True,
+    ):
         """``y = GraphMoE(x)``, same shape as ``x``.
 
-        With ``return_aux_loss=True`` returns ``(y, aux)``, ``aux`` the differentiable
-        load-balancing loss averaged over rounds (for use outside an HF model).
+        Args:
+            x: ``[..., d]``.
+            return_aux_loss: also return ``aux``, the differentiable load-balancing loss averaged
+                over rounds (for use outside an HF model).
+            token_mask: bool, ``x.shape[:-1]`` (or flattened): ``False`` marks padding tokens,
+                which are left out of the load-balancing loss and of ``expert_counts``.
+            update_stats: ``False`` leaves ``expert_counts`` and ``last_aux_loss`` untouched.
+        Returns:
+            ``y``, or ``(y, aux)`` with ``return_aux_loss``. A routing hook may replace ``y``.
         """
         self._check_input(x)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
         backend = get_backend(resolve_backend(self.config.backend, x.device, needs_grad))
+        _refuse_compile(backend)
         out = backend(x.reshape(-1, self.hidden_size), self.params(), self.round_options())
 
-        rec = self.recorder
-        token_mask = rec.token_mask_for(out.y.shape[0]) if rec is not None else None
-        aux_rounds = load_balancing_loss(out.router_probs, out.expert_index, token_mask)
-        if rec is None or rec.recording:
+        mask = self._flat_token_mask(token_mask, out.y)
+        aux_rounds = load_balancing_loss(out.router_probs, out.expert_index, mask)
+        if update_stats:
             with torch.no_grad():
                 self.expert_counts += expert_selection_counts(
-                    out.expert_index, self.config.num_experts, token_mask
+                    out.expert_index, self.config.num_experts, mask
                 )
             self.last_aux_loss = aux_rounds.detach()
-            if rec is not None:
-                rec.aux_values.append(self.last_aux_loss)
 
         y = out.y
-        if return_aux_loss:
-            return y.view(x.shape), aux_rounds.mean()
-        if rec is not None and rec.aux_grad_scale and aux_rounds.requires_grad:
-            y = AuxLossGradInjector.apply(y, aux_rounds, rec.aux_grad_scale, rec.loss_grad)
-        return y.view(x.shape)
+        if self._routing_hooks:
+            event = RoutingEvent(out, aux_rounds, mask, update_stats)
+            for hook in tuple(self._routing_hooks.values()):
+                replaced = hook(self, event, y)
+                if replaced is not None:
+                    y = replaced
+        y = y.view(x.shape)
+        return (y, aux_rounds.mean()) if return_aux_loss else y
+
+    def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
+        """Calls ``hook(layer, event, y)`` in every forward, after routing and bookkeeping.
+
+        ``event`` is a :class:`RoutingEvent`; ``y`` is the ``[M, d]`` output so far. The hook
+        may return a tensor to use as ``y`` instead (an identity that carries a custom backward,
+        say) or ``None``. Hooks run in registration order; ``handle.remove()`` unregisters.
+        """
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
+
+    @staticmethod
+    def _flat_token_mask(token_mask: torch.Tensor | None,
+                         y: torch.Tensor) -> torch.Tensor | None:
+        if token_mask is None:
+            return None
+        if token_mask.numel() != y.shape[0]:
+            raise ValueError(
+                f"token_mask has {token_mask.numel()} elements but the input has {y.shape[0]} "
+                "tokens"
+            )
+        return token_mask.reshape(-1).to(device=y.device, dtype=torch.bool)
 
     def reset_routing_stats(self) -> None:
         self.expert_counts.zero_()

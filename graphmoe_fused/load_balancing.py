@@ -3,6 +3,9 @@
 Per layer and round: ``L = n · Σ_i f_i P_i`` with ``f_i`` the share of (non-padding) tokens that
 chose expert ``i`` (``Σ f = k``) and ``P_i`` the mean router probability; uniform routing gives
 ``k``.
+
+Pure maths on router outputs. How the loss reaches a model's loss and the router's gradient (under
+checkpointing, ``Trainer``, ``torch.compile``): :mod:`graphmoe_fused.hf.aux_loss`.
 """
 
 from __future__ import annotations

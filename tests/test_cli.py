@@ -73,7 +73,7 @@ def test_triton_backend_on_cpu_is_one_line_in_a_real_process():
     )
     assert result.returncode == 2, result.stderr
     line = _one_error_line(result.stderr)
-    assert "argument --backend: the triton backend needs a CUDA device" in line, line
+    assert "argument --backend: the 'triton' backend needs a CUDA device" in line, line
     assert "on cpu" in line and "use backend torch or auto" in line, line
     assert result.stdout == ""  # refused before anything was built
 
@@ -84,7 +84,7 @@ def test_triton_backend_on_cpu_without_the_interpreter_in_process(monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*TINY, "--backend", "triton", "--device", "cpu"])
     assert exit_info.value.code == 2
-    assert "the triton backend needs a CUDA device" in _one_error_line(capsys.readouterr().err)
+    assert "the 'triton' backend needs a CUDA device" in _one_error_line(capsys.readouterr().err)
 
 
 BAD_VALUES = [
@@ -160,7 +160,7 @@ def test_triton_backend_without_the_triton_package(monkeypatch, capsys):
         cli.main([*TINY, "--backend", "triton", "--device", "cpu"])
     assert exit_info.value.code == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "triton needs the triton package, which is not installed" in line, line
+    assert "needs the triton package, which is not installed" in line, line
 
 
 # --- errors raised by the library during the run: one line, exit status 1 ----------------------
@@ -237,8 +237,8 @@ def test_check_backend_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at call time
     check_backend("triton", torch.device("cpu"))
     check_backend("triton", torch.device("cuda"))
-    with pytest.raises(ValueError, match="needs a CUDA device and this run is on mps"):
+    with pytest.raises(ValueError, match="needs a CUDA device, but the input is on mps"):
         check_backend("triton", torch.device("mps"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="needs a CUDA device and this run is on cpu"):
+    with pytest.raises(ValueError, match="needs a CUDA device, but the input is on cpu"):
         check_backend("triton", torch.device("cpu"))

@@ -35,13 +35,7 @@ def test_everything_but_the_triton_backend_runs_without_triton():
     script = textwrap.dedent("""
         import sys
 
-        class NoTriton:
-            def find_spec(self, name, path=None, target=None):
-                if name == "triton" or name.startswith("triton."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-                return None
-
-        sys.meta_path.insert(0, NoTriton())
+        sys.modules["triton"] = None  # `import triton` now fails, as where no wheel exists
         import torch
         import graphmoe_fused as gm
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,7 +48,7 @@ def test_everything_but_the_triton_backend_runs_without_triton():
         ids = torch.randint(0, 32, (2, 5))
         out = model(ids, labels=ids)
         out.loss.backward()
-        assert "triton" not in sys.modules
+        assert sys.modules["triton"] is None
         layer = gm.GraphMoEMLP(32, 48, gm.GraphMoEConfig(num_experts=4, lora_r=4,
                                                          gru_hidden_ratio=0.25, backend="triton"))
         try:
@@ -68,4 +62,4 @@ def test_everything_but_the_triton_backend_runs_without_triton():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
     message = proc.stdout.split("TRITON:")[1]
-    assert "not installed" in message and "backend='torch'" in message
+    assert "not installed" in message and "backend torch" in message

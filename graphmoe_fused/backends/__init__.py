@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Callable
 
 from torch import Tensor
@@ -16,7 +14,7 @@ from torch import device as Device
 from .contract import GraphMoEParams, RoundOptions, RoutedOutput
 from .reference import graphmoe_reference
 from .torch import graphmoe_torch
-from .triton import graphmoe_triton
+from .triton import graphmoe_triton, triton_available
 
 Backend = Callable[[Tensor, GraphMoEParams, RoundOptions], RoutedOutput]
 
@@ -25,12 +23,6 @@ BACKENDS: dict[str, Backend] = {
     "torch": graphmoe_torch,
     "triton": graphmoe_triton,
 }
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton can be imported (its wheels exist for Linux only)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(name: str, device: Device | str, needs_grad: bool = False) -> str:

@@ -29,6 +29,7 @@ Devices: CUDA; CPU only under ``TRITON_INTERPRET=1`` (set before importing trito
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -45,23 +46,34 @@ from .dropout import apply_dropout, lora_dropout_masks
 from .torch import graphmoe_torch, graphmoe_torch_unchecked
 
 
-def _interpreting() -> bool:
-    from ..kernels.utils import is_interpreter
+def triton_available() -> bool:
+    """Whether triton can be imported (its wheels exist for Linux only)."""
+    return importlib.util.find_spec("triton") is not None
 
-    return is_interpreter()
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` here, or ``None`` when they can: triton must be
+    installed, and the device CUDA (or the CPU under the Triton interpreter, for tests)."""
+    if not triton_available():
+        return ("the 'triton' backend needs the triton package, which is not installed (it is "
+                "published for Linux only); use backend torch or auto")
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        from ..kernels.utils import is_interpreter
+
+        if is_interpreter():
+            return None
+    return (f"the 'triton' backend needs a CUDA device, but the input is on {device} (its "
+            "kernels run on the CPU only under TRITON_INTERPRET=1, set before triton is "
+            "imported, for tests); use backend torch or auto")
 
 
 def check_runnable(x: torch.Tensor) -> None:
     """Raises ``RuntimeError`` unless the kernels can run on ``x``'s device."""
-    if x.device.type == "cuda":
-        return
-    if x.device.type == "cpu" and _interpreting():
-        return
-    raise RuntimeError(
-        f"the 'triton' backend needs a CUDA device, but the input is on {x.device}. Use "
-        "backend='torch' (or 'auto') off CUDA; the kernels run on CPU only under the Triton "
-        "interpreter, with TRITON_INTERPRET=1 set before triton is imported (tests)."
-    )
+    reason = unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(reason)
 
 
 def _kernels_cover(p: GraphMoEParams) -> str | None:

@@ -9,7 +9,6 @@ bit of it is learnt by the GraphMoE experts, the GRU and the attention LoRA).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backends import resolve_backend
+from ..backends.triton import unavailable_reason
 from ..config import BACKENDS, GraphMoEConfig
 from ..hf.convert import apply_graphmoe
 from ..hf.stats import (
@@ -178,19 +178,9 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
     if backend != "triton":
         return
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("triton needs the triton package, which is not installed (it is "
-                         "published for Linux only); use backend torch or auto")
-    if device.type == "cuda":
-        return
-    if device.type == "cpu":
-        from ..kernels.utils import is_interpreter
-
-        if is_interpreter():
-            return
-    raise ValueError(f"the triton backend needs a CUDA device and this run is on {device.type} "
-                     "(its kernels run on the CPU only under TRITON_INTERPRET=1, for tests); "
-                     "use backend torch or auto")
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _describe_backend(backend: str, device: torch.device) -> str:

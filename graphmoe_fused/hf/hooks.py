@@ -1,10 +1,10 @@
 """Model-level hooks that drive the shared :class:`RoutingRecorder` of a converted model.
 
-A forward pre-hook on the model starts recording (token mask from a 2-D ``attention_mask``; the
-aux-loss gradient scale ``coef / (layers · T)`` when ``labels`` are given and grad is enabled, the
-gradient of ``coef ·`` the mean over layers and rounds); a forward hook stops it, exposes
-``aux_loss`` on the output and, with ``labels``, adds ``coef · aux_loss`` to ``loss``. The loss
-passes through :class:`LossGradTap`, so the injected aux gradient follows any scaling of the loss.
+A forward pre-hook on the model starts recording (token mask from a 2-D ``attention_mask``, and
+the gradient-accumulation weight of :func:`loss_weight_from`); a forward hook stops it, exposes
+``aux_loss`` on the output (the mean over layers and rounds, detached: a value to log) and, with
+``labels``, adds ``coef · weight ·`` that mean to ``loss`` as a differentiable term. Why it is
+built this way, and its reentrant-checkpointing fallback: :mod:`graphmoe_fused.hf.aux_loss`.
 
 The module that owns the decoder layers (``model.model`` in LLaMA) is hooked too, so calling it
 directly also records statistics and reports ``aux_loss``; a depth counter makes the outermost
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import GraphMoEConfig
 from ..layer import GraphMoEMLP
-from .aux_loss import LossGradTap, RoutingRecorder
+from .aux_loss import RoutingRecorder
 
 
 class RoutingHooks:
@@ -43,6 +43,7 @@ class RoutingHooks:
         self.num_layers = num_layers
         self.depth = 0
         self.labels_given = False
+        self.loss_weight: torch.Tensor | float = 1.0
 
     @property
     def coef(self) -> float:
@@ -83,11 +84,28 @@ def token_mask_from(named: Mapping[str, Any]) -> torch.Tensor | None:
     return mask != 0
 
 
-def _reference_device(named: Mapping[str, Any]) -> torch.device | None:
-    for key in ("input_ids", "inputs_embeds"):
-        if isinstance(named.get(key), torch.Tensor):
-            return named[key].device
-    return None
+def loss_weight_from(named: Mapping[str, Any]) -> torch.Tensor | float:
+    """This forward's share of the accumulated batch's label tokens: ``n / num_items_in_batch``.
+
+    HF ``Trainer`` passes ``num_items_in_batch`` (the label tokens of all the micro-batches of one
+    optimizer step, counted as the causal-LM loss counts them: ``labels[..., 1:]`` or
+    ``shift_labels``, ``!= -100``) and the model's cross-entropy becomes
+    ``sum / num_items_in_batch``, so the micro-batches' losses add up. Weighting the aux term by
+    the same share counts it once per step (a token-weighted mean over micro-batches) instead of
+    once per micro-batch; without accumulation the share is exactly 1. ``1.0`` when
+    ``num_items_in_batch`` is not given.
+    """
+    total = named.get("num_items_in_batch")
+    if total is None:
+        return 1.0
+    labels = named.get("shift_labels")
+    if not isinstance(labels, torch.Tensor):
+        labels = named.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            return 1.0
+        labels = labels[..., 1:]
+    ignore_index = named.get("ignore_index", -100)
+    return (labels != ignore_index).sum() / total
 
 
 class _ModuleHooks:
@@ -114,13 +132,9 @@ class _ModuleHooks:
         if state.depth > 1:
             return None
         named = _bind(self._forward_signature(module), args, kwargs)
-        labels_given = self.owns_loss and named.get("labels") is not None
-        scale, loss_grad = 0.0, None
-        if labels_given and torch.is_grad_enabled() and state.coef > 0:
-            scale = state.coef / (state.num_layers * state.config.num_rounds)
-            loss_grad = torch.ones((), dtype=torch.float32, device=_reference_device(named))
-        state.labels_given = labels_given
-        state.recorder.start(token_mask_from(named), scale, loss_grad)
+        state.labels_given = self.owns_loss and named.get("labels") is not None
+        state.loss_weight = loss_weight_from(named) if state.labels_given else 1.0
+        state.recorder.start(token_mask_from(named))
         return None
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -128,18 +142,16 @@ class _ModuleHooks:
         state.depth -= 1
         if state.depth > 0:
             return None
-        aux = state.recorder.stop()
-        if aux is None:
+        records = state.recorder.stop()
+        if not records:
             return None
+        aux = torch.cat([a.detach() for _, a in records]).mean()
         if isinstance(output, dict):
             loss = output.get("loss")
         else:
             loss = output[0] if isinstance(output, tuple) and output else None
-        if state.labels_given and isinstance(loss, torch.Tensor):
-            loss = loss + state.coef * aux.to(device=loss.device, dtype=loss.dtype)
-            holder = state.recorder.loss_grad
-            if holder is not None and loss.requires_grad:
-                loss = LossGradTap.apply(loss, holder)
+        if state.labels_given and isinstance(loss, torch.Tensor) and state.coef > 0:
+            loss = state.recorder.add_to_loss(loss, records, state.coef, state.loss_weight)
             if isinstance(output, tuple):
                 output = (loss, *output[1:])
             else:
@@ -151,15 +163,15 @@ class _ModuleHooks:
 
 def install_routing_hooks(model: nn.Module, layer_names: list[str],
                           config: GraphMoEConfig) -> RoutingHooks:
-    """Shares one recorder between the GraphMoE layers under ``layer_names`` and hooks ``model``
-    (loss and ``aux_loss``) and each module owning a list of those layers (``aux_loss`` only)."""
+    """Shares one recorder between the GraphMoE layers under ``layer_names`` (a forward pre-hook
+    and a routing hook on each) and hooks ``model`` (loss and ``aux_loss``) and each module
+    owning a list of those layers (``aux_loss`` only)."""
     layers = [model.get_submodule(f"{name}.mlp") for name in layer_names]
     if not all(isinstance(layer, GraphMoEMLP) for layer in layers):
         raise TypeError("install_routing_hooks expects converted (GraphMoEMLP) layers")
     recorder = RoutingRecorder()
-    recorder.recording = False  # only a hooked forward records; stray re-runs never do
     for layer in layers:
-        layer.recorder = recorder
+        recorder.attach(layer)
     state = RoutingHooks(recorder, config, len(layers))
     owners = {name.rsplit(".", 2)[0] if name.count(".") >= 2 else "" for name in layer_names}
     hooked = [(model, True)] + [(model.get_submodule(o), False) for o in sorted(owners) if o]
