@@ -1,6 +1,11 @@
-"""The load-balancing loss at model level (DESIGN.md §3): its value against a hand computation,
-padding excluded, added to the loss only with labels, and its gradient (injected in backward)
-against plain autograd of ``loss + coef · aux``."""
+"""The load-balancing loss (DESIGN.md §3).
+
+Layer level: the observer API (routing hooks, ``token_mask``, ``update_stats``) the HF glue
+builds on. Model level: the value against a hand computation, padding excluded, added to the
+loss only with labels, its gradient against autograd of a hand-built ``cross-entropy + coef ·
+aux``, scaled losses (in place too), and gradient accumulation's ``num_items_in_batch``.
+Run for the ``reference`` and ``torch`` backends.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,81 @@ import torch.nn.functional as F
 
 import graphmoe_fused as gm
 from graphmoe_fused.backends.reference import graphmoe_reference
-from graphmoe_fused.hf.aux_loss import RoutingRecorder
 
 from .helpers import make_layer
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 from .tiny_models import batch, converted, trainable_grads
 
+BACKENDS = ["reference", "torch"]
+ROUTER = "model.layers.0.mlp.router.weight"
 
+
+# ---- layer: the observer API -------------------------------------------------------------------
+
+def _small_layer(backend: str = "reference"):
+    return make_layer(backend=backend, num_experts=4, lora_r=4, num_rounds=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_hook_sees_the_routing_and_may_replace_the_output(backend):
+    layer = _small_layer(backend)
+    x = torch.randn(2, 5, 32)
+    seen = []
+
+    def hook(mod, event, y):
+        seen.append((mod, event, y))
+        return 2 * y
+
+    handle = layer.register_routing_hook(hook)
+    y, aux = layer(x, return_aux_loss=True)
+    (mod, event, y_seen), = seen
+    assert mod is layer and y_seen.shape == (10, 32) and event.stats_updated
+    assert event.routed.router_probs.shape == (3, 10, 4) and event.token_mask is None
+    assert event.aux_loss.shape == (3,) and event.aux_loss.requires_grad
+    torch.testing.assert_close(aux, event.aux_loss.mean())
+    torch.testing.assert_close(y, 2 * y_seen.view(2, 5, 32))
+    handle.remove()
+    torch.testing.assert_close(layer(x), y_seen.view(2, 5, 32))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_mask_leaves_padding_out_of_aux_loss_and_counts(backend):
+    # Routing is per token, so the masked loss and counts are those of the real tokens alone.
+    layer = _small_layer(backend)
+    x = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    _, aux = layer(x, return_aux_loss=True, token_mask=mask)
+    masked_counts = layer.expert_counts.clone()
+    layer.reset_routing_stats()
+    _, real_aux = layer(x[mask], return_aux_loss=True)
+    torch.testing.assert_close(aux, real_aux)
+    assert torch.equal(masked_counts, layer.expert_counts)
+    layer.reset_routing_stats()
+    _, unmasked = layer(x, return_aux_loss=True)
+    assert abs(unmasked.item() - aux.item()) > 1e-4  # the mask did matter
+    with pytest.raises(ValueError, match="token_mask has 5 elements"):
+        layer(x, token_mask=torch.ones(5, dtype=torch.bool))
+
+
+def test_update_stats_false_leaves_the_statistics_alone():
+    layer = _small_layer()
+    x = torch.randn(6, 32)
+    layer(x)
+    counts, last = layer.expert_counts.clone(), layer.last_aux_loss
+    seen = []
+    layer.register_routing_hook(lambda mod, event, y: seen.append(event.stats_updated))
+    layer(torch.randn(4, 32), update_stats=False)
+    assert torch.equal(layer.expert_counts, counts) and layer.last_aux_loss is last
+    assert seen == [False]
+
+
+# ---- model: value ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_uniform_routing_gives_k(top_k):
-    model = converted("llama", top_k=top_k)
+def test_uniform_routing_gives_k(top_k, backend):
+    model = converted("llama", top_k=top_k, backend=backend)
     with torch.no_grad():
         for layer in gm.graphmoe_layers(model).values():
             layer.router.weight.zero_()
@@ -55,9 +125,10 @@ def _layer_inputs(model, run):
     return inputs, out
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pad", [True, False])
-def test_value_matches_a_hand_computation_and_excludes_padding(pad):
-    model = converted("llama")
+def test_value_matches_a_hand_computation_and_excludes_padding(pad, backend):
+    model = converted("llama", backend=backend)
     ids, mask, labels = batch(pad=pad)
     inputs, out = _layer_inputs(model, lambda: model(ids, attention_mask=mask, labels=labels))
     per_round, with_padding = [], []
@@ -74,17 +145,22 @@ def test_value_matches_a_hand_computation_and_excludes_padding(pad):
         assert abs(sum(with_padding) / len(with_padding) - expected) > 1e-3
 
 
-def test_added_to_the_loss_only_with_labels():
-    model = converted("llama", router_aux_loss_coef=0.5)
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_added_to_the_loss_only_with_labels(backend):
+    model = converted("llama", router_aux_loss_coef=0.5, backend=backend)
     ids, mask, labels = batch()
     out = model(ids, attention_mask=mask, labels=labels)
-    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
-    ce = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(out.loss, ce + 0.5 * out.aux_loss)
+    torch.testing.assert_close(out.loss, _cross_entropy(out.logits, labels) + 0.5 * out.aux_loss)
+    assert not out.aux_loss.requires_grad  # a value to log; the loss carries the gradient
     no_labels = model(ids, attention_mask=mask)
     assert no_labels.loss is None
     torch.testing.assert_close(no_labels.aux_loss, out.aux_loss)
-    with torch.no_grad():  # no gradient to inject, but the value is the same
+    with torch.no_grad():  # no graph, the same value
         torch.testing.assert_close(model(ids, attention_mask=mask, labels=labels).loss, out.loss)
 
 
@@ -92,46 +168,22 @@ def test_coefficient_zero_leaves_the_loss_alone():
     model = converted("llama", router_aux_loss_coef=0.0)
     ids, mask, labels = batch()
     out = model(ids, attention_mask=mask, labels=labels)
-    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
-    ce = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(out.loss, ce)
+    torch.testing.assert_close(out.loss, _cross_entropy(out.logits, labels))
     assert out.aux_loss > 0
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_layer_injected_gradient_equals_autograd_of_return_aux_loss(masked):
-    layer = make_layer(backend="reference", num_rounds=3)
-    x = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(0))
-    probe = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(1))
-    token_mask = (torch.arange(20) % 3 != 0) if masked else None
-    scale = 0.7
+# ---- model: gradient ---------------------------------------------------------------------------
 
-    layer.recorder = RoutingRecorder()
-    layer.recorder.start(token_mask, scale)
-    (layer(x) * probe).sum().backward()
-    injected = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
-    layer.zero_grad()
-
-    # scale is the gradient of each round's loss: of T · mean over rounds.
-    y, aux = layer(x, return_aux_loss=True)
-    ((y * probe).sum() + scale * 3 * aux).backward()
-    for name, p in layer.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(injected[name], p.grad, msg=name)
-    layer.zero_grad()
-    (layer(x, return_aux_loss=True)[0] * probe).sum().backward()
-    assert not torch.allclose(layer.router.weight.grad, injected["router.weight"])
-
-
-def _grads_with_differentiable_aux(model, ids, mask, labels):
-    """Gradients of ``loss + coef · aux`` by plain autograd: each layer's differentiable
-    ``return_aux_loss`` value is collected and added (value-neutral) to the model's loss."""
+def _grads_by_hand(model, ids, mask, labels):
+    """Gradients of ``cross-entropy + coef · mean(aux)`` built here: the cross-entropy from the
+    logits, the aux losses from each layer's own ``return_aux_loss`` (with the token mask the
+    hooks pass); the model's ``loss`` is not used."""
     coef = model.graphmoe_config.router_aux_loss_coef
     collected = []
     layers = list(gm.graphmoe_layers(model).values())
     for layer in layers:
-        def forward(x, _layer=layer):
-            y, aux = type(_layer).forward(_layer, x, return_aux_loss=True)
+        def forward(x, _layer=layer, **kwargs):
+            y, aux = type(_layer).forward(_layer, x, return_aux_loss=True, **kwargs)
             collected.append(aux)
             return y
         layer.forward = forward
@@ -142,53 +194,72 @@ def _grads_with_differentiable_aux(model, ids, mask, labels):
             del layer.forward
     aux = torch.stack(collected).mean()
     torch.testing.assert_close(aux.detach(), out.aux_loss)
-    (out.loss + coef * (aux - aux.detach())).backward()
+    (_cross_entropy(out.logits, labels) + coef * aux).backward()
     grads = trainable_grads(model)
     model.zero_grad()
     return grads
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False])
-def test_model_injected_gradient_equals_autograd(train):
-    model = converted("llama", router_aux_loss_coef=1.0).train(train)
+def test_model_gradient_equals_autograd_of_the_hand_built_loss(train, backend):
+    model = converted("llama", router_aux_loss_coef=1.0, backend=backend).train(train)
     ids, mask, labels = batch()
     model(ids, attention_mask=mask, labels=labels).loss.backward()
-    injected = trainable_grads(model)
+    got = trainable_grads(model)
     model.zero_grad()
-    expected = _grads_with_differentiable_aux(model, ids, mask, labels)
+    expected = _grads_by_hand(model, ids, mask, labels)
     for name, grad in expected.items():
-        torch.testing.assert_close(injected[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
     # The aux loss really contributes: without it the router gradient differs (and the
     # coefficient is read at each forward, so a schedule can change it).
     model.graphmoe_config.router_aux_loss_coef = 0.0
     model(ids, attention_mask=mask, labels=labels).loss.backward()
-    name = "model.layers.0.mlp.router.weight"
-    assert not torch.allclose(model.get_parameter(name).grad, injected[name], atol=1e-6)
+    assert not torch.allclose(model.get_parameter(ROUTER).grad, got[ROUTER], atol=1e-6)
 
 
-def test_aux_gradient_follows_a_scaled_loss():
-    # Gradient accumulation divides the loss and AMP multiplies it: the injected aux gradient
-    # must scale with it like every other gradient.
-    model = converted("llama", router_aux_loss_coef=1.0).train()
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["multiply", "in place"])
+def test_a_scaled_loss_scales_every_gradient(backend, how):
+    # Gradient accumulation divides the loss, AMP multiplies it, HF Trainer does `loss *= s`
+    # in place: every gradient, the aux loss's included, must follow.
+    model = converted("llama", router_aux_loss_coef=1.0, backend=backend).train()
     ids, mask, labels = batch()
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     full = trainable_grads(model)
     model.zero_grad()
-    (0.25 * model(ids, attention_mask=mask, labels=labels).loss).backward()
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    if how == "in place":
+        loss /= 4
+    else:
+        loss = 0.25 * loss
+    loss.backward()
     for name, grad in trainable_grads(model).items():
         torch.testing.assert_close(grad, 0.25 * full[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_no_labels_no_injected_gradient():
-    model = converted("llama", router_aux_loss_coef=1.0).train()
+def test_num_items_in_batch_weights_the_aux_loss_by_the_label_share():
+    # HF Trainer's gradient accumulation: loss = Σ cross-entropy / num_items_in_batch, with the
+    # label tokens of all micro-batches counted; the aux loss gets this micro-batch's share.
+    model = converted("llama", router_aux_loss_coef=0.5)
+    ids, mask, labels = batch()
+    n = int((labels[:, 1:] != -100).sum())
+    total = torch.tensor(3 * n)
+    out = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=total)
+    expected = _cross_entropy(out.logits, labels) * n / total + 0.5 * (n / total) * out.aux_loss
+    torch.testing.assert_close(out.loss, expected)
+    # Without accumulation the share is exactly 1.
+    alone = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(n))
+    torch.testing.assert_close(alone.loss, model(ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_no_labels_no_aux_gradient():
     ids, mask, _ = batch()
-    model(ids, attention_mask=mask).logits.square().mean().backward()
-    with_hooks = trainable_grads(model)
-    model.zero_grad()
-    layers = list(gm.graphmoe_layers(model).values())
-    for layer in layers:  # plain layers: no recorder, nothing injected
-        layer.recorder = None
-    model(ids, attention_mask=mask).logits.square().mean().backward()
-    for name, grad in trainable_grads(model).items():
-        torch.testing.assert_close(with_hooks[name], grad, msg=name)
+    grads = []
+    for coef in (1.0, 0.0):
+        model = converted("llama", router_aux_loss_coef=coef).train()
+        model(ids, attention_mask=mask).logits.square().mean().backward()
+        grads.append(trainable_grads(model))
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=0, atol=0, msg=name)

@@ -193,8 +193,6 @@ def test_the_default_path_computes_what_the_torch_backend_does(monkeypatch):
 
 # ---- architecture -------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the aux-loss wiring is being moved out of layer.py by "
-                   "another worker")
 def test_the_layer_imports_nothing_from_the_hf_package():
     # The layer is a plain module; the Hugging Face integration builds on it, not the reverse.
     imports = imported_modules("graphmoe_fused.layer", transitive=True)

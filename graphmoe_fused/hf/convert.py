@@ -105,8 +105,8 @@ def apply_graphmoe(model: nn.Module, config: GraphMoEConfig | None = None) -> nn
     shared); with ``config.attention_lora`` the ``q/k/v/o_proj`` of ``self_attn`` become
     :class:`LoRALinear` (rank ``attention_lora_r or lora_r``, alpha ``attention_lora_alpha or
     lora_alpha``, dropout ``lora_dropout``). All other parameters are frozen. One
-    :class:`~graphmoe_fused.aux_loss.RoutingRecorder` is shared by the layers and driven by hooks
-    on ``model`` (see :mod:`graphmoe_fused.model_hooks`): outputs gain ``aux_loss`` and, with
+    :class:`~graphmoe_fused.hf.aux_loss.RoutingRecorder` is shared by the layers and driven by hooks
+    on ``model`` (see :mod:`graphmoe_fused.hf.hooks`): outputs gain ``aux_loss`` and, with
     ``labels``, ``loss`` gains ``router_aux_loss_coef · aux_loss``. Works on meta-device models.
 
     PEFT, in either order: on a ``peft.PeftModel`` the model it wraps is converted, PEFT's choice

@@ -259,7 +259,13 @@ def choose_expert_plan(
 ) -> str:
     """``"masked"`` while all experts' rank-r columns are cheap to carry along (see
     ``*_MASKED_MAX_COLUMNS``), else ``"grouped"`` where ``_grouped_mm`` is available for this
-    device, dtype and alignment (``widths``: every row width a grouped operand has)."""
+    device, dtype and alignment (``widths``: every row width a grouped operand has).
+
+    Under ``torch.compile`` the masked plan is taken: ``_grouped_mm``'s meta kernel (what
+    compile traces with) takes bf16 only, so the grouped plan would not compile for fp32.
+    """
+    if torch.compiler.is_compiling():
+        return "masked"
     limit = CPU_MASKED_MAX_COLUMNS if device.type == "cpu" else GPU_MASKED_MAX_COLUMNS
     if num_experts * rank <= limit:
         return "masked"
