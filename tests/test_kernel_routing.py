@@ -1,5 +1,7 @@
 """The fused router kernel against the reference's routing (softmax of ``F.linear``, stable
 top-k): probabilities, renormalised weights, lowest-index tie-breaking, block shapes, checks.
+tests/conftest.py poisons every kernel output (NaN, -1) for the session, so an element the
+kernel never writes fails.
 
 Without a GPU the kernel runs under ``TRITON_INTERPRET=1``, which ``triton.jit`` reads at
 decoration time: tests/conftest.py sets it for the session before any test module imports
@@ -11,12 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from graphmoe_fused.kernels.routing.router_topk import (
-    MAX_EXPERTS,
-    _launch_router_topk,
-    fused_router_topk,
-)
-from graphmoe_fused.kernels.utils import POISON_ENV, new_output
+from graphmoe_fused.kernels.routing.router_topk import MAX_EXPERTS, fused_router_topk
 
 from graphmoe_fused.backends.reference import route
 
@@ -24,24 +21,36 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Every output starts as NaN / -1, so an element the kernel does not write fails."""
-    monkeypatch.setenv(POISON_ENV, "1")
-
-
 def _reference(x: torch.Tensor, w: torch.Tensor, k: int):
     probs, weights, index = route(x, w, k)
     return F.linear(x, w).float(), probs, weights, index
 
 
-def _prob_tolerance(dtype: torch.dtype, logits: torch.Tensor) -> float:
-    """Relative error of a probability when every logit may land one ulp of ``dtype`` away
-    (the kernel accumulates in another order before rounding like ``F.linear``):
-    dp/p = δ_i − Σ_j p_j δ_j, so |dp/p| ≤ 2·max δ."""
+# Probabilities. The kernel rounds its fp32 logits to the input dtype as F.linear does, so both
+# sides usually softmax the very same logits and agree to fp32 precision (EXACT). A logit whose
+# fp32 sum lies within the two sides' summation-order difference of a rounding boundary may
+# round the other way: one ulp of the dtype. That is rare (≤ 1 row in 33 on these data), so
+# all but a few rows must be EXACT, and every row within the one-ulp bound (_prob_tolerance). A
+# kernel that skipped the rounding would miss EXACT in every 16-bit row (1e-3 to 3e-2 off);
+# the one-ulp bound alone (6-15 % for bf16 logits of 2-4) would pass it.
+EXACT = 1e-5
+MAX_INEXACT_ROWS = 0.1  # of the rows (at least one)
+
+
+def _prob_tolerance(dtype: torch.dtype, logits: torch.Tensor) -> torch.Tensor:
+    """Per-row bound on the relative error of a probability when every logit of the row may
+    land one ulp of ``dtype`` away from the reference's: dp_i/p_i = δ_i − Σ_j p_j δ_j with
+    |δ_j| ≤ ulp(l_j), so |dp/p| ≤ 2·max_j ulp(l_j). fp32 logits are not rounded: EXACT."""
     if dtype == torch.float32:
-        return 1e-5
-    return 2 * torch.finfo(dtype).eps * max(float(logits.abs().max()), 1.0)
+        return torch.full((logits.shape[0], 1), EXACT, device=logits.device)
+    finfo = torch.finfo(dtype)
+    ulp = finfo.eps * torch.exp2(torch.floor(torch.log2(logits.abs().clamp_min(finfo.tiny))))
+    return 2 * ulp.amax(dim=1, keepdim=True)
+
+
+def _row_errors(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Largest relative error per row (an absolute 1e-7 floor for probabilities near 0)."""
+    return ((actual - expected).abs() / (expected.abs() + 1e-7)).amax(dim=1, keepdim=True)
 
 
 def _check_routing(x, w, k, probs, weights, index):
@@ -51,7 +60,11 @@ def _check_routing(x, w, k, probs, weights, index):
     assert index.dtype == torch.int64
     assert probs.shape == p_ref.shape and weights.shape == w_ref.shape
     assert torch.isfinite(probs).all() and torch.isfinite(weights).all()
-    torch.testing.assert_close(probs, p_ref, rtol=tol, atol=1e-6)
+    prob_err = _row_errors(probs, p_ref)
+    assert (prob_err <= tol).all(), f"probabilities off by {prob_err.max():.3g} (relative)"
+    inexact = prob_err > EXACT
+    allowed = max(1, int(MAX_INEXACT_ROWS * len(probs)))
+    assert inexact.sum() <= allowed, f"{int(inexact.sum())} rows differ by > {EXACT}"
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[:, 0]))
 
     # The experts must be the reference's except at near-ties (probabilities within the
@@ -62,8 +75,13 @@ def _check_routing(x, w, k, probs, weights, index):
     assert mismatch.float().mean() <= 0.05, f"{int(mismatch.sum())} slots differ"
     p_kernel_pick = torch.gather(p_ref, 1, index)
     p_ref_pick = torch.gather(p_ref, 1, i_ref)
-    torch.testing.assert_close(p_kernel_pick, p_ref_pick, rtol=2 * tol, atol=1e-6)
-    torch.testing.assert_close(weights, w_ref, rtol=2 * tol, atol=1e-6)
+    assert (_row_errors(p_kernel_pick, p_ref_pick) <= 2 * tol).all()
+    # Weights: renormalised picks, so twice the probabilities' bounds (and EXACT where the row's
+    # probabilities and picks are).
+    weight_err = _row_errors(weights, w_ref)
+    assert (weight_err <= 2 * tol).all(), f"weights off by {weight_err.max():.3g}"
+    same_rows = ~inexact & ~mismatch.any(dim=1, keepdim=True)
+    assert (weight_err[same_rows] <= 2 * EXACT).all()
     picked = torch.gather(probs, 1, index)
     torch.testing.assert_close(weights, picked / picked.sum(-1, keepdim=True), rtol=1e-6, atol=0)
     assert all(len(set(row)) == k for row in index.tolist()), "an expert chosen twice"
@@ -166,12 +184,8 @@ def test_block_shapes(dtype, block):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(num_tokens, hidden, generator=g).to(dtype).to(DEVICE)
     w = (torch.randn(n, hidden, generator=g) * 0.25).to(dtype).to(DEVICE)
-    probs = new_output((num_tokens, n), torch.float32, x.device)
-    weights = new_output((num_tokens, k), torch.float32, x.device)
-    index = new_output((num_tokens, k), torch.int64, x.device)
-    _launch_router_topk(x, w, probs, weights, index, k,
-                        config=triton.Config(block, num_warps=4, num_stages=2))
-    _check_routing(x, w, k, probs, weights, index)
+    config = triton.Config(block, num_warps=4, num_stages=2)
+    _check_routing(x, w, k, *fused_router_topk(x, w, k, config=config))
 
 
 def test_strided_rows_and_empty_batch():
@@ -193,7 +207,7 @@ def test_input_validation():
     w = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="2-D"):
         fused_router_topk(x[0], w, 2)
-    with pytest.raises(ValueError, match="expected \\[n, 16\\]"):
+    with pytest.raises(ValueError, match=r"router_weight has shape \(8, 8\); expected \(8, 16\)"):
         fused_router_topk(x, w[:, :8], 2)
     with pytest.raises(ValueError, match="n ≤ 64"):
         fused_router_topk(x, torch.randn(MAX_EXPERTS + 1, 16, device=DEVICE), 2)

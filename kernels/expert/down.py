@@ -25,15 +25,24 @@ from ..utils import (
     cfg,
     check_activation,
     check_like,
+    check_ndim,
+    dot_k,
+    grouped_tile,
     interpreter_bf16,
+    launch,
+    load_tile,
     mma,
-    new_output,
+    on_device_of,
+    output_buffer,
     prune_small_m,
-    tile_ids,
+    store_rounded,
+    tile_grid,
     token_bucket,
     unit_stride_rows,
 )
 from .layout import ExpertLoRA, check_layout
+
+__all__ = ["expert_down"]
 
 # A plain GEMM (the LoRA is a few more K-steps): the usual large tiles, every one spill-free on
 # both sm_80 and sm_90 (compile report). Hopper takes 128×256 at 3 stages in its 227 KB of shared
@@ -58,40 +67,22 @@ def _expert_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     DTYPE: tl.constexpr = h_ptr.dtype.element_ty
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)  # token · D' passes 2^31 at LLaMA sizes
-    cols = offs_n.to(tl.int64)
+    rows, row_ok, cols, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    cols = cols.to(tl.int64)
 
     # ---- base: h_mix · W_D^T over D' -----------------------------------------------------------
-    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :]
-    w_ptrs = wd_ptr + cols[None, :] * stride_wd + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        ht = tl.load(h_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(ht, wt, acc, INTERP_BF16)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = dot_k(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), h_ptr, rows, row_ok, stride_hm,
+                wd_ptr, cols, col_ok, stride_wd, K, K, BLOCK_K, INTERP_BF16)
 
     # ---- LoRA: n·r more K-steps, c · a_mix against B_D^T [n·r, d] -----------------------------
+    offs_k = tl.arange(0, BLOCK_K)
     for c0 in tl.static_range(0, NR, BLOCK_K):
         lc = c0 + offs_k
-        l_ok = lc < NR
-        z = tl.load(a_mix_ptr + rows[:, None] * NR + lc[None, :],
-                    mask=mask_m[:, None] & l_ok[None, :], other=0.0)
-        b = tl.load(bd_ptr + lc.to(tl.int64)[:, None] * N + cols[None, :],
-                    mask=l_ok[:, None] & mask_n[None, :], other=0.0)
+        z = load_tile(a_mix_ptr, rows, row_ok, NR, lc, NR)
+        b = load_tile(bd_ptr, lc.to(tl.int64), lc < NR, N, cols, N)
         acc = mma(cast_rne(z * scaling, DTYPE, INTERP_BF16), b, acc, INTERP_BF16)
 
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
-    tl.store(y_ptrs, cast_rne(acc, y_ptr.dtype.element_ty, INTERP_BF16),
-             mask=mask_m[:, None] & mask_n[None, :])
+    store_rounded(y_ptr, acc, rows, row_ok, stride_ym, cols, col_ok, INTERP_BF16)
 
 
 _expert_down_tuned = triton.autotune(
@@ -101,23 +92,25 @@ _expert_down_tuned = triton.autotune(
 )(_expert_down_kernel)
 
 
-def _launch_down(h_mix, down_weight, a_mix, b_down, y, scaling) -> None:
+def _launch_down(h_mix, down_weight, a_mix, b_down, y, scaling,
+                 config: triton.Config | None = None) -> None:
     num_tokens, inter = h_mix.shape
     hidden = down_weight.shape[0]
-
-    def grid(meta):
-        return (triton.cdiv(num_tokens, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]),)
-
-    _expert_down_tuned[grid](
-        h_mix, down_weight, a_mix, b_down, y,
-        num_tokens, hidden, inter,
-        h_mix.stride(0), down_weight.stride(0), y.stride(0),
-        float(scaling),
-        token_bucket(num_tokens),
-        NR=a_mix.shape[1], INTERP_BF16=interpreter_bf16(h_mix.dtype),
+    launch(
+        _expert_down_tuned, _expert_down_kernel, tile_grid(num_tokens, hidden, "BLOCK_N"),
+        (
+            h_mix, down_weight, a_mix, b_down, y,
+            num_tokens, hidden, inter,
+            h_mix.stride(0), down_weight.stride(0), y.stride(0),
+            float(scaling),
+            token_bucket(num_tokens),
+        ),
+        {"NR": a_mix.shape[1], "INTERP_BF16": interpreter_bf16(h_mix.dtype)},
+        config,
     )
 
 
+@on_device_of("h_mix")
 def expert_down(
     h_mix: torch.Tensor,
     down_weight: torch.Tensor,
@@ -126,11 +119,13 @@ def expert_down(
     scaling: float,
     *,
     out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """The experts' weighted output ``y = W_D h_mix + c · Σ_e B_D[e] a_mix[:, e·r : e·r + r]``.
 
     With ``h_mix`` and ``a_mix`` from :func:`expert_gate_up` that is
     ``Σ_j w_j (W_D h_j + c · B_D[e_j] A_D[e_j] dropout(h_j))``, the experts' mixed output.
+    Runs on ``h_mix``'s device.
 
     Args:
         h_mix: ``[M, D']`` mixed activation, fp16/bf16/fp32 (CUDA, or CPU under
@@ -140,32 +135,25 @@ def expert_down(
         a_mix: ``[M, n·r]`` fp32, the routing-weighted down-LoRA inputs in their experts' blocks.
         scaling: ``c = lora_alpha / r``.
         out: optional ``[M, d]`` buffer of ``h_mix``'s dtype with unit column stride.
+        config: pins the block shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``)
+            instead of autotuning it, so tests reach shapes the single interpreter config does
+            not.
     Returns:
         ``y [M, d]`` in ``h_mix``'s dtype, accumulated in fp32.
     Raises:
         TypeError / ValueError: on a dtype, shape or device mismatch, and ``ValueError`` when
         ``n·r`` is past the masked-dense limit ``MAX_MASKED_DENSE_COLS``.
     """
-    check_activation("h_mix", h_mix)
-    num_tokens, inter = h_mix.shape
+    num_tokens, inter = check_activation("h_mix", h_mix)
     dt = h_mix.dtype
-    if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2:
-        raise ValueError("down_weight must be a 2-D [d, D'] tensor")
-    hidden = down_weight.shape[0]
+    hidden, _ = check_ndim("down_weight", down_weight, 2, "[d, D']")
     check_like("down_weight", down_weight, (hidden, inter), h_mix, dt)
     check_layout(lora, h_mix, hidden, inter)
-    nr = lora.num_experts * lora.rank
-    check_like("a_mix", a_mix, (num_tokens, nr), h_mix, torch.float32)
-    if out is None:
-        out = new_output((num_tokens, hidden), dt, h_mix.device)
-    else:
-        check_like("out", out, (num_tokens, hidden), h_mix, dt)
-        if hidden > 1 and out.stride(1) != 1:
-            raise ValueError("out must have unit column stride")
-    if num_tokens == 0:
-        return out
-    _launch_down(unit_stride_rows(h_mix), unit_stride_rows(down_weight), a_mix.contiguous(),
-                 lora.b_down, out, scaling)
+    check_like("a_mix", a_mix, (num_tokens, lora.num_experts * lora.rank), h_mix, torch.float32)
+    out = output_buffer("out", out, (num_tokens, hidden), h_mix, dt)
+    if num_tokens > 0:
+        _launch_down(unit_stride_rows(h_mix), unit_stride_rows(down_weight),
+                     a_mix.contiguous(), lora.b_down, out, scaling, config)
     return out
 
 

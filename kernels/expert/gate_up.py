@@ -63,15 +63,27 @@ from ..utils import (
     cfg,
     check_activation,
     check_like,
+    check_ndim,
+    dot_k,
+    dot_k2,
+    grouped_tile,
     interpreter_bf16,
+    launch,
+    load_tile,
+    load_tile_t,
     mma,
-    new_output,
+    on_device_of,
+    output_buffer,
+    pinned_configs,
     prune_small_m,
-    tile_ids,
+    store_rounded,
+    tile_grid,
     token_bucket,
     unit_stride_rows,
 )
 from .layout import ExpertLoRA, check_layout, check_routing, padded_rank
+
+__all__ = ["GateUpOutput", "expert_gate_up", "expert_lora_in"]
 
 # ---------------------------------------------------------------------------------------------
 # 1. a_gu = c · x_lora · [A_G; A_U]^T, all experts.
@@ -108,28 +120,10 @@ def _lora_in_kernel(
     INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)
-
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-    a_ptrs = a_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-        acc = mma(xt, at, acc, INTERP_BF16)
-        x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-
-    out_ptrs = out_ptr + rows[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, cast_rne(acc * scaling, out_ptr.dtype.element_ty, INTERP_BF16),
-             mask=mask_m[:, None] & mask_n[None, :])
+    rows, row_ok, cols, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = dot_k(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, rows, row_ok, stride_xm,
+                a_ptr, cols.to(tl.int64), col_ok, K, K, K, BLOCK_K, INTERP_BF16)
+    store_rounded(out_ptr, acc * scaling, rows, row_ok, N, cols, col_ok, INTERP_BF16)
 
 
 _lora_in_tuned = triton.autotune(
@@ -181,31 +175,16 @@ def _expert_gate_up_kernel(
     # the epilogue spills on sm_80.
     CH: tl.constexpr = LORA_CHUNK + (R_PAD - LORA_CHUNK) * (R_PAD > LORA_CHUNK)
     EPC: tl.constexpr = CH // R_PAD
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    # Token-row offsets reach M·k·D' (the keep mask) and M·D': past 2^31 at LLaMA sizes.
-    rows = offs_m.to(tl.int64)
+    # Token-row offsets (int64 from grouped_tile) reach M·k·D' (the keep mask) and M·D': past
+    # 2^31 at LLaMA sizes; the columns join them in 64-bit address arithmetic.
+    rows, mask_m, offs_n, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     cols = offs_n.to(tl.int64)
 
     # ---- base products: each x tile loaded once for both W_G and W_U -------------------------
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-    wg_ptrs = wg_ptr + cols[None, :] * stride_wg + offs_k[:, None]
-    wu_ptrs = wu_ptr + cols[None, :] * stride_wu + offs_k[:, None]
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & mask_n[None, :]
-        acc_g = mma(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, INTERP_BF16)
-        acc_u = mma(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, INTERP_BF16)
-        x_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
+    acc_g, acc_u = dot_k2(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                          x_ptr, rows, mask_m, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu,
+                          cols, mask_n, K, K, BLOCK_K, INTERP_BF16)
 
     # ---- per slot: LoRA delta, SwiGLU, mix, and the down LoRA's input -----------------------
     # Masked-dense column c is row c of the [n·R, ·] LoRA matrices: expert c // R_PAD. The delta
@@ -233,21 +212,19 @@ def _expert_gate_up_kernel(
             new_blk = (l_exp == e_j[:, None]) & moved
             old_blk = (l_exp == e_prev[:, None]) & moved
             a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
-            b_off = lc.to(tl.int64)[:, None] * N + cols[None, :]
             # The sign flip goes through fp32 (exact both ways): the interpreter holds bf16 as
             # integers, which a direct negation would corrupt.
             sign = tl.where(old_blk, -1.0, 1.0)
             a_g = (tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
             a_u = (tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-            b_mask = (lc < NR)[:, None] & mask_n[None, :]
-            gate = mma(a_g, tl.load(bg_ptr + b_off, mask=b_mask, other=0.0), gate, INTERP_BF16)
-            up = mma(a_u, tl.load(bu_ptr + b_off, mask=b_mask, other=0.0), up, INTERP_BF16)
+            lc64 = lc.to(tl.int64)
+            gate = mma(a_g, load_tile(bg_ptr, lc64, lc < NR, N, cols, N), gate, INTERP_BF16)
+            up = mma(a_u, load_tile(bu_ptr, lc64, lc < NR, N, cols, N), up, INTERP_BF16)
         e_prev = e_j
         h = gate * tl.sigmoid(gate) * up
         hmix += w_j[:, None] * h
         if HAS_DROPOUT:
-            keep = tl.load(keep_ptr + (rows * TOP_K + j)[:, None] * N + cols[None, :],
-                           mask=mask_m[:, None] & mask_n[None, :], other=0)
+            keep = load_tile(keep_ptr, rows * TOP_K + j, mask_m, N, cols, N)
             h = tl.where(keep != 0, h * dropout_scale, 0.0)
         h = cast_rne(h, DTYPE, INTERP_BF16)
         # A_D[e] · h_j over this program's D' slice for every expert e, chunk by chunk; only block
@@ -257,8 +234,7 @@ def _expert_gate_up_kernel(
         a_j = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for c0 in tl.range(0, NR, CH, num_stages=1):
             lc = c0 + tl.arange(0, CH)
-            ad = tl.load(ad_ptr + lc.to(tl.int64)[None, :] * N + cols[:, None],
-                         mask=mask_n[:, None] & (lc < NR)[None, :], other=0.0)
+            ad = load_tile_t(ad_ptr, lc.to(tl.int64), lc < NR, N, cols, N)  # [BLOCK_N, CH]
             part = mma(h, ad, tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
             part = tl.reshape(part, (BLOCK_M, EPC, R_PAD))
             chunk_exp = c0 // R_PAD + tl.arange(0, EPC)
@@ -269,9 +245,7 @@ def _expert_gate_up_kernel(
                       a_j * w_j[:, None], mask=(e_j >= 0)[:, None] & (ri < RANK)[None, :],
                       sem="relaxed")
 
-    h_ptrs = hmix_ptr + rows[:, None] * stride_hm + cols[None, :]
-    tl.store(h_ptrs, cast_rne(hmix, hmix_ptr.dtype.element_ty, INTERP_BF16),
-             mask=mask_m[:, None] & mask_n[None, :])
+    store_rounded(hmix_ptr, hmix, rows, mask_m, stride_hm, cols, mask_n, INTERP_BF16)
 
 
 _expert_gate_up_tuned = triton.autotune(
@@ -289,42 +263,39 @@ _expert_gate_up_tuned = triton.autotune(
 
 
 def _launch_lora_in(x_lora: torch.Tensor, a_in: torch.Tensor, out: torch.Tensor,
-                    scaling: float) -> None:
+                    scaling: float, config: triton.Config | None = None) -> None:
     num_tokens, hidden = x_lora.shape
     width = out.shape[1]
-
-    def grid(meta):
-        return (triton.cdiv(num_tokens, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
-
-    _lora_in_tuned[grid](
-        x_lora, a_in, out,
-        num_tokens, width, hidden,
-        x_lora.stride(0),
-        float(scaling),
-        token_bucket(num_tokens),
-        INTERP_BF16=interpreter_bf16(x_lora.dtype),
+    launch(
+        _lora_in_tuned, _lora_in_kernel, tile_grid(num_tokens, width, "BLOCK_N"),
+        (x_lora, a_in, out, num_tokens, width, hidden, x_lora.stride(0), float(scaling),
+         token_bucket(num_tokens)),
+        {"INTERP_BF16": interpreter_bf16(x_lora.dtype)},
+        config,
     )
 
 
 def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, index, keep,
-                    h_mix, a_mix, dropout_scale) -> None:
+                    h_mix, a_mix, dropout_scale, config: triton.Config | None = None) -> None:
     num_tokens, hidden = x.shape
     inter = gate_weight.shape[0]
-
-    def grid(meta):
-        return (triton.cdiv(num_tokens, meta["BLOCK_M"]) * triton.cdiv(inter, meta["BLOCK_N"]),)
-
-    _expert_gate_up_tuned[grid](
-        x, gate_weight, up_weight, a_gu, lora.b_gate, lora.b_up, lora.a_down, weights, index,
-        keep if keep is not None else a_gu,  # never read without HAS_DROPOUT
-        h_mix, a_mix,
-        num_tokens, inter, hidden,
-        x.stride(0), gate_weight.stride(0), up_weight.stride(0), h_mix.stride(0),
-        float(dropout_scale),
-        token_bucket(num_tokens),
-        RANK=lora.rank, R_PAD=padded_rank(lora.rank), NUM_EXPERTS=lora.num_experts,
-        TOP_K=index.shape[1], HAS_DROPOUT=keep is not None,
-        INTERP_BF16=interpreter_bf16(x.dtype),
+    launch(
+        _expert_gate_up_tuned, _expert_gate_up_kernel, tile_grid(num_tokens, inter, "BLOCK_N"),
+        (
+            x, gate_weight, up_weight, a_gu, lora.b_gate, lora.b_up, lora.a_down, weights, index,
+            keep if keep is not None else a_gu,  # never read without HAS_DROPOUT
+            h_mix, a_mix,
+            num_tokens, inter, hidden,
+            x.stride(0), gate_weight.stride(0), up_weight.stride(0), h_mix.stride(0),
+            float(dropout_scale),
+            token_bucket(num_tokens),
+        ),
+        {
+            "RANK": lora.rank, "R_PAD": padded_rank(lora.rank), "NUM_EXPERTS": lora.num_experts,
+            "TOP_K": index.shape[1], "HAS_DROPOUT": keep is not None,
+            "INTERP_BF16": interpreter_bf16(x.dtype),
+        },
+        config,
     )
 
 
@@ -332,10 +303,12 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
 # The public functions.
 # ---------------------------------------------------------------------------------------------
 
-
+@on_device_of("x_lora")
 def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None,
+                   config: triton.Config | None = None) -> torch.Tensor:
     """Scaled rank-``r`` inputs of every expert's gate and up LoRA: ``c · x_lora · A^T``.
+    Runs on ``x_lora``'s device.
 
     Args:
         x_lora: ``[M, d]`` the LoRA input (``dropout(x)`` in training, ``x`` otherwise),
@@ -344,6 +317,9 @@ def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
         scaling: ``c = lora_alpha / r``, folded in here so the gate/up kernel need not.
         out: optional contiguous ``[M, 2·n·R]`` buffer of ``x_lora``'s dtype (``R``: the rank
             rounded up to a power of two).
+        config: pins the block shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``)
+            instead of autotuning it, so tests reach shapes the single interpreter config does
+            not.
     Returns:
         ``[M, 2·n·R]`` in ``x_lora``'s dtype (accumulated in fp32): column ``e·R + i`` is
         ``c · A_G[e, i] · x_lora``, column ``n·R + e·R + i`` the same for ``A_U``; padded ranks
@@ -351,21 +327,15 @@ def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
     Raises:
         TypeError / ValueError: on a dtype, shape or device mismatch.
     """
-    check_activation("x_lora", x_lora)
+    num_tokens, hidden = check_activation("x_lora", x_lora)
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora must be an ExpertLoRA, got {type(lora).__name__}")
-    num_tokens, hidden = x_lora.shape
     n, padded = lora.num_experts, padded_rank(lora.rank)
     check_like("lora.a_in", lora.a_in, (2, n, padded, hidden), x_lora, x_lora.dtype)
-    shape = (num_tokens, 2 * n * padded)
-    if out is None:
-        out = new_output(shape, x_lora.dtype, x_lora.device)
-    else:
-        check_like("out", out, shape, x_lora, x_lora.dtype)
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous")
+    out = output_buffer("out", out, (num_tokens, 2 * n * padded), x_lora, x_lora.dtype,
+                        contiguous=True)
     if num_tokens > 0:
-        _launch_lora_in(unit_stride_rows(x_lora), lora.a_in.contiguous(), out, scaling)
+        _launch_lora_in(unit_stride_rows(x_lora), lora.a_in.contiguous(), out, scaling, config)
     return out
 
 
@@ -376,6 +346,7 @@ class GateUpOutput(NamedTuple):
     a_mix: torch.Tensor  # [M, n·r], fp32: Σ_j w_j A_D[e_j] dropout(h_j) in block e_j
 
 
+@on_device_of("x")
 def expert_gate_up(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -390,6 +361,7 @@ def expert_gate_up(
     dropout_p: float = 0.0,
     out: torch.Tensor | None = None,
     a_mix_out: torch.Tensor | None = None,
+    configs: dict[str, triton.Config] | None = None,
 ) -> GateUpOutput:
     """Mixed SwiGLU activation of the chosen LoRA experts, and the down LoRA's rank-``r`` input.
 
@@ -402,7 +374,8 @@ def expert_gate_up(
 
     where ``dropout(h_j) = h_j ⊙ keep_h[m, j] / (1 − p)``, or ``h_j`` without ``keep_h``.
     Accumulation is fp32 throughout and the ``k`` separate ``h_j`` never reach memory. Two
-    launches: :func:`expert_lora_in` for the rank-``r`` inputs, then the fused kernel.
+    launches: :func:`expert_lora_in` for the rank-``r`` inputs, then the fused kernel. Runs on
+    ``x``'s device.
 
     Args:
         x: ``[M, d]`` round input, fp16/bf16/fp32 (CUDA, or CPU under ``TRITON_INTERPRET=1``).
@@ -419,18 +392,21 @@ def expert_gate_up(
         dropout_p: the probability ``keep_h`` was drawn with.
         out: optional ``[M, D']`` buffer (``x``'s dtype, unit column stride) for ``h_mix``.
         a_mix_out: optional contiguous ``[M, n·r]`` fp32 buffer for ``a_mix`` (zeroed here).
+        configs: pins the block shapes of the two launches instead of autotuning them, so
+            tests reach shapes the single interpreter config does not: ``"lora_in"`` (see
+            :func:`expert_lora_in`) and ``"gate_up"`` (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
+            ``GROUP_M`` and ``LORA_CHUNK``, the masked-dense columns multiplied at once: a
+            power of two ≥ 16, raised to ``R`` when the padded rank is larger).
     Returns:
         ``GateUpOutput(h_mix, a_mix)``.
     Raises:
         TypeError / ValueError: on a dtype, shape or device mismatch, and ``ValueError`` when
         ``n·r`` is past the masked-dense limit ``MAX_MASKED_DENSE_COLS``.
     """
-    check_activation("x", x)
-    num_tokens, hidden = x.shape
+    configs = pinned_configs(configs, ("lora_in", "gate_up"))
+    num_tokens, hidden = check_activation("x", x)
     dt = x.dtype
-    if not isinstance(gate_weight, torch.Tensor) or gate_weight.dim() != 2:
-        raise ValueError("gate_weight must be a 2-D [D', d] tensor")
-    inter = gate_weight.shape[0]
+    inter, _ = check_ndim("gate_weight", gate_weight, 2, "[D', d]")
     check_like("gate_weight", gate_weight, (inter, hidden), x, dt)
     check_like("up_weight", up_weight, (inter, hidden), x, dt)
     check_layout(lora, x, hidden, inter)
@@ -453,28 +429,18 @@ def expert_gate_up(
     elif dropout_p != 0.0:
         raise ValueError(f"dropout_p={dropout_p} given without keep_h")
 
-    if out is None:
-        out = new_output((num_tokens, inter), dt, x.device)
-    else:
-        check_like("out", out, (num_tokens, inter), x, dt)
-        if inter > 1 and out.stride(1) != 1:
-            raise ValueError("out must have unit column stride")
-    a_mix_shape = (num_tokens, lora.num_experts * lora.rank)
-    if a_mix_out is None:
-        a_mix = torch.zeros(a_mix_shape, device=x.device, dtype=torch.float32)
-    else:
-        check_like("a_mix_out", a_mix_out, a_mix_shape, x, torch.float32)
-        if not a_mix_out.is_contiguous():
-            raise ValueError("a_mix_out must be contiguous")
-        a_mix = a_mix_out.zero_()
+    out = output_buffer("out", out, (num_tokens, inter), x, dt)
+    # The atomics add into a_mix: it starts from zero, whoever allocated it.
+    a_mix = output_buffer("a_mix_out", a_mix_out, (num_tokens, lora.num_experts * lora.rank),
+                          x, torch.float32, contiguous=True).zero_()
     if num_tokens == 0:
         return GateUpOutput(out, a_mix)
 
-    a_gu = expert_lora_in(x_lora, lora, scaling)
+    a_gu = expert_lora_in(x_lora, lora, scaling, config=configs.get("lora_in"))
     _launch_gate_up(
         unit_stride_rows(x), unit_stride_rows(gate_weight), unit_stride_rows(up_weight), a_gu,
         lora, expert_weights.to(torch.float32).contiguous(), expert_index.contiguous(), keep,
-        out, a_mix, dropout_scale,
+        out, a_mix, dropout_scale, configs.get("gate_up"),
     )
     return GateUpOutput(out, a_mix)
 

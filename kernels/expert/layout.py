@@ -15,7 +15,15 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..utils import check_float, check_like
+from ..utils import check_float, check_like, check_ndim, on_device_of
+
+__all__ = [
+    "MAX_MASKED_DENSE_COLS",
+    "ExpertLoRA",
+    "expert_lora_layout",
+    "masked_dense_supported",
+    "padded_rank",
+]
 
 # The masked-dense products cost n·r MACs per slot and output element where a grouped product
 # would cost r: at n·r = 256, k = 2 that is ~19 % of the base gate/up work at d = 4096, past
@@ -74,6 +82,7 @@ def _rank_major(t: torch.Tensor, padded: int) -> torch.Tensor:
     return out
 
 
+@on_device_of("lora_A_gate")
 def expert_lora_layout(
     lora_A_gate: torch.Tensor,
     lora_B_gate: torch.Tensor,
@@ -82,7 +91,7 @@ def expert_lora_layout(
     lora_A_down: torch.Tensor,
     lora_B_down: torch.Tensor,
 ) -> ExpertLoRA:
-    """Copies the experts' LoRA factors into the layouts of the expert kernels.
+    """Copies the experts' LoRA factors into the layouts of the expert kernels, on their device.
 
     Args (shapes as in ``GraphMoEParams``; one floating dtype and one device for all):
         lora_A_gate, lora_A_up: ``[n, r, d]``; lora_B_gate, lora_B_up: ``[n, D', r]``;
@@ -96,11 +105,9 @@ def expert_lora_layout(
         TypeError / ValueError: on inconsistent shapes, dtypes or devices, or when ``n·r`` is
         past the masked-dense limit.
     """
-    num_experts, rank = check_lora_shape("lora_A_gate", lora_A_gate)
-    hidden = lora_A_gate.shape[2]
+    num_experts, rank, hidden = check_ndim("lora_A_gate", lora_A_gate, 3, "[n, r, d]")
     check_float("lora_A_gate", lora_A_gate)
-    check_lora_shape("lora_A_down", lora_A_down)
-    inter = lora_A_down.shape[2]
+    inter = check_ndim("lora_A_down", lora_A_down, 3, "[n, r, D']")[2]
     for name, t, shape in (
         ("lora_A_up", lora_A_up, (num_experts, rank, hidden)),
         ("lora_B_gate", lora_B_gate, (num_experts, inter, rank)),
@@ -121,16 +128,6 @@ def expert_lora_layout(
             b_down=lora_B_down.detach().transpose(1, 2).contiguous(),
             rank=rank,
         )
-
-
-
-def check_lora_shape(name: str, t: torch.Tensor) -> tuple[int, int]:
-    """A 3-D ``[n, ·, ·]`` LoRA factor; returns ``(n, t.shape[1])``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [experts, ·, ·], got shape {tuple(t.shape)}")
-    return t.shape[0], t.shape[1]
 
 
 def check_layout(lora: ExpertLoRA, ref: torch.Tensor, hidden: int, inter: int) -> None:
@@ -157,9 +154,7 @@ def check_layout(lora: ExpertLoRA, ref: torch.Tensor, hidden: int, inter: int) -
 def check_routing(expert_weights: torch.Tensor, expert_index: torch.Tensor, ref: torch.Tensor,
                   num_experts: int) -> int:
     """Validates ``[M, k]`` routing tensors against ``ref [M, ...]``; returns ``k``."""
-    if not isinstance(expert_index, torch.Tensor) or expert_index.dim() != 2:
-        raise ValueError("expert_index must be a 2-D [tokens, k] tensor")
-    top_k = expert_index.shape[1]
+    top_k = check_ndim("expert_index", expert_index, 2, "[tokens, k]")[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"expert_index has k={top_k} slots; need 1 <= k <= n={num_experts}")
     check_like("expert_index", expert_index, (ref.shape[0], top_k), ref)

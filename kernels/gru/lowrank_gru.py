@@ -36,18 +36,28 @@ import triton.language as tl
 
 from ..compile_spec import KernelSpec
 from ..utils import (
-    cast_rne,
     ceil_to,
-    check_device,
-    check_float,
-    check_shape,
+    check_activation,
+    check_like,
+    check_ndim,
+    dot_k,
+    dot_k2,
     interpreter_bf16,
     is_interpreter,
+    launch,
+    load_tile,
     mma,
     new_output,
+    on_device_of,
+    pinned_configs,
+    row_major_tile,
+    store_rounded,
+    tile_grid,
     token_bucket,
     unit_stride_rows,
 )
+
+__all__ = ["CANDIDATE_ACTIVATIONS", "CANDIDATE_INPUTS", "fused_lowrank_gru"]
 
 CANDIDATE_INPUTS = ("y", "x")
 CANDIDATE_ACTIVATIONS = ("sigmoid", "tanh")
@@ -101,82 +111,54 @@ def _gru_gates_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # 1-D grid, dh blocks fastest: the few programs that share a token block (and its y tiles)
-    # run side by side and hit L2, and no grid axis limit applies to the token count.
-    pid = tl.program_id(0)
-    num_h = tl.cdiv(DH, BLOCK_H)
-    pid_m = pid // num_h
-    pid_h = pid % num_h
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_ok = units < DH
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = units.to(tl.int64)[None, :] * stride_w
-
+    rows, row_ok, units, unit_ok = row_major_tile(M, DH, BLOCK_M, BLOCK_H)
+    units64 = units.to(tl.int64)  # weight row offsets
     acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_r = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
 
     if HAS_H:
-        # The h half of [h, y]; the candidate's h half needs r first (pass 2).
-        for k0 in range(0, DH_PAD, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(
-                h_ptr + rows64[:, None] * stride_hm + k[None, :],
-                mask=row_ok[:, None] & (k < DH)[None, :],
-                other=0.0,
-            )
-            # Weight columns DH..DH_PAD are zero padding: the mask stays 16-aligned.
-            w_mask = (k < DH_PAD)[:, None] & unit_ok[None, :]
-            wz = tl.load(wz_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)
-            wr = tl.load(wr_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)
-            acc_z = mma(a, wz, acc_z, INTERP_BF16)
-            acc_r = mma(a, wr, acc_r, INTERP_BF16)
+        # The h half of [h, y] for z and r (weight columns DH..DH_PAD are zero padding, so the
+        # weight masks stay 16-aligned); the candidate's h half needs r first (pass 2).
+        acc_z, acc_r = dot_k2(acc_z, acc_r, h_ptr, rows, row_ok, stride_hm, wz_ptr, stride_w,
+                              wr_ptr, stride_w, units64, unit_ok, DH, DH_PAD, BLOCK_K, INTERP_BF16)
 
+    # The y half (columns U_OFF.. of the packed weights): one K loop feeds all three
+    # accumulators, so each activation tile is loaded once. It is written out rather than a
+    # dot_k call: the three weights share one offset tensor (their packed rows have one
+    # stride), added to each base pointer per K step; three weight pointer tensors
+    # (load_tile_t) would stay live through the loop, and sm_80 spills.
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = units64[None, :] * stride_w + U_OFF
     for k0 in range(0, D, BLOCK_K):
         k = k0 + offs_k
-        k_ok = k < D
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(y_ptr + rows64[:, None] * stride_ym + k[None, :], mask=a_mask, other=0.0)
-        w_mask = k_ok[:, None] & unit_ok[None, :]
-        w_off = w_rows + U_OFF + k[:, None]
-        wz = tl.load(wz_ptr + w_off, mask=w_mask, other=0.0)
-        acc_z = mma(a, wz, acc_z, INTERP_BF16)
+        a = load_tile(y_ptr, rows, row_ok, stride_ym, k, D)
+        w_off = w_rows + k[:, None]
+        w_mask = (k < D)[:, None] & unit_ok[None, :]
+        acc_z = mma(a, tl.load(wz_ptr + w_off, mask=w_mask, other=0.0), acc_z, INTERP_BF16)
         if HAS_H:
-            wr = tl.load(wr_ptr + w_off, mask=w_mask, other=0.0)
-            acc_r = mma(a, wr, acc_r, INTERP_BF16)
+            acc_r = mma(a, tl.load(wr_ptr + w_off, mask=w_mask, other=0.0), acc_r, INTERP_BF16)
         wo = tl.load(wo_ptr + w_off, mask=w_mask, other=0.0)
         if CAND_X:
-            ax = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :], mask=a_mask, other=0.0)
-            acc_o = mma(ax, wo, acc_o, INTERP_BF16)
-        else:
-            acc_o = mma(a, wo, acc_o, INTERP_BF16)
+            a = load_tile(x_ptr, rows, row_ok, stride_xm, k, D)
+        acc_o = mma(a, wo, acc_o, INTERP_BF16)
 
     z = tl.sigmoid(acc_z)
     acc_o += tl.load(bo_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)[None, :]
-    out_mask = row_ok[:, None] & unit_ok[None, :]
     if HAS_H:
         r = tl.sigmoid(acc_r)
-        h_blk = tl.load(
-            h_ptr + rows64[:, None] * stride_hm + units[None, :], mask=out_mask, other=0.0
-        ).to(tl.float32)
-        ws_off = rows64[:, None] * stride_ws + units[None, :]
+        h_blk = load_tile(h_ptr, rows, row_ok, stride_hm, units, DH).to(tl.float32)
         # r ⊙ h is pass 2's dot operand: stored in the input dtype so that dot stays on the
         # tensor cores; z and the partial candidate stay fp32 (epilogue-only values).
-        tl.store(rh_ptr + ws_off, cast_rne(r * h_blk, rh_ptr.dtype.element_ty, INTERP_BF16),
-                 mask=out_mask)
+        store_rounded(rh_ptr, r * h_blk, rows, row_ok, stride_ws, units, unit_ok, INTERP_BF16)
+        ws_off = rows[:, None] * stride_ws + units[None, :]
+        out_mask = row_ok[:, None] & unit_ok[None, :]
         tl.store(z_ptr + ws_off, z, mask=out_mask)
         tl.store(ou_ptr + ws_off, acc_o, mask=out_mask)
     else:
         # h = 0: h' = (1 − z)·0 + z ⊙ act(W_o [0, u] + b_o).
         h_new = z * _candidate_activation(acc_o, CAND_TANH)
-        tl.store(
-            hnew_ptr + rows64[:, None] * stride_hn + units[None, :],
-            cast_rne(h_new, hnew_ptr.dtype.element_ty, INTERP_BF16),
-            mask=out_mask,
-        )
+        store_rounded(hnew_ptr, h_new, rows, row_ok, stride_hn, units, unit_ok, INTERP_BF16)
 
 
 @triton.jit
@@ -201,45 +183,18 @@ def _gru_update_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_h = tl.cdiv(DH, BLOCK_H)
-    pid_m = pid // num_h
-    pid_h = pid % num_h
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_ok = units < DH
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = units.to(tl.int64)[None, :] * stride_w
-
+    rows, row_ok, units, unit_ok = row_major_tile(M, DH, BLOCK_M, BLOCK_H)
     # The candidate's r ⊙ h half: W_o[:, :dh] (r ⊙ h)^T.
-    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, DH_PAD, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(
-            rh_ptr + rows64[:, None] * stride_ws + k[None, :],
-            mask=row_ok[:, None] & (k < DH)[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            wo_ptr + w_rows + k[:, None], mask=(k < DH_PAD)[:, None] & unit_ok[None, :], other=0.0
-        )
-        acc = mma(a, w, acc, INTERP_BF16)
+    acc = dot_k(tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), rh_ptr, rows, row_ok, stride_ws,
+                wo_ptr, units.to(tl.int64), unit_ok, stride_w, DH, DH_PAD, BLOCK_K, INTERP_BF16)
 
-    out_mask = row_ok[:, None] & unit_ok[None, :]
-    ws_off = rows64[:, None] * stride_ws + units[None, :]
-    cand = _candidate_activation(acc + tl.load(ou_ptr + ws_off, mask=out_mask, other=0.0),
-                                 CAND_TANH)
-    z = tl.load(z_ptr + ws_off, mask=out_mask, other=0.0)
-    h = tl.load(h_ptr + rows64[:, None] * stride_hm + units[None, :], mask=out_mask,
-                other=0.0).to(tl.float32)
+    # The workspace rows are as wide as h' (stride_ws): the tiles read back what pass 1 wrote.
+    pre = acc + load_tile(ou_ptr, rows, row_ok, stride_ws, units, DH)
+    cand = _candidate_activation(pre, CAND_TANH)
+    z = load_tile(z_ptr, rows, row_ok, stride_ws, units, DH)
+    h = load_tile(h_ptr, rows, row_ok, stride_hm, units, DH).to(tl.float32)
     h_new = (1.0 - z) * h + z * cand
-    tl.store(
-        hnew_ptr + rows64[:, None] * stride_hn + units[None, :],
-        cast_rne(h_new, hnew_ptr.dtype.element_ty, INTERP_BF16),
-        mask=out_mask,
-    )
+    store_rounded(hnew_ptr, h_new, rows, row_ok, stride_hn, units, unit_ok, INTERP_BF16)
 
 
 @triton.jit
@@ -263,40 +218,14 @@ def _gru_project_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # d blocks fastest: programs sharing a token block's h' rows (and all of W_g, ~3 MB at
-    # llama3-8b) run together out of L2.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(D, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = cols.to(tl.int64)[None, :] * stride_wg
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, DH_PAD, BLOCK_K):
-        k = k0 + offs_k
-        a = tl.load(
-            hn_ptr + rows64[:, None] * stride_hn + k[None, :],
-            mask=row_ok[:, None] & (k < DH)[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            wg_ptr + w_rows + k[:, None], mask=(k < DH_PAD)[:, None] & col_ok[None, :], other=0.0
-        )
-        acc = mma(a, w, acc, INTERP_BF16)
-
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=out_mask, other=0.0)
+    # llama3-8b) run together out of L2. Likewise dh blocks in the other two passes.
+    rows, row_ok, cols, col_ok = row_major_tile(M, D, BLOCK_M, BLOCK_N)
+    acc = dot_k(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), hn_ptr, rows, row_ok, stride_hn,
+                wg_ptr, cols.to(tl.int64), col_ok, stride_wg, DH, DH_PAD, BLOCK_K, INTERP_BF16)
+    x = load_tile(x_ptr, rows, row_ok, stride_xm, cols, D)
     # One rounding of x + g (the reference rounds g first, then the sum).
-    tl.store(
-        out_ptr + rows64[:, None] * stride_om + cols[None, :],
-        cast_rne(x.to(tl.float32) + acc, out_ptr.dtype.element_ty, INTERP_BF16),
-        mask=out_mask,
-    )
+    store_rounded(out_ptr, x.to(tl.float32) + acc, rows, row_ok, stride_om, cols, col_ok,
+                  INTERP_BF16)
 
 
 # Configs for sm_80 / sm_90 (A100: 163 KB shared, H100: 227 KB; 64K registers per SM).
@@ -350,23 +279,6 @@ _project_tuned = triton.autotune(
 )(_gru_project_kernel)
 
 
-def _run(tuned, raw, num_tokens: int, cols: int, col_block: str, args: tuple, meta: dict,
-         config: triton.Config | None) -> None:
-    """Launches ``tuned`` (autotuned) or ``raw`` with one pinned ``config``, on the 1-D grid of
-    (token blocks × column blocks) every kernel here uses."""
-
-    def grid(META: dict) -> tuple[int]:
-        return (triton.cdiv(num_tokens, META["BLOCK_M"]) * triton.cdiv(cols, META[col_block]),)
-
-    if config is None:
-        tuned[grid](*args, **meta)
-    else:
-        raw[grid(config.kwargs)](
-            *args, **meta, **config.kwargs,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-
-
 def _pack_gate_weights(
     weight_z: torch.Tensor, weight_r: torch.Tensor, weight_o: torch.Tensor, dh: int, d: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
@@ -410,11 +322,7 @@ def _launch_lowrank_gru(
     configs: dict[str, triton.Config] | None = None,
 ) -> None:
     """Runs the passes on validated inputs, writing ``h_new`` and ``x_next`` (unit column
-    stride, any row stride).
-
-    ``configs`` pins block shapes per pass (``"gates"``, ``"update"``, ``"project"``) instead
-    of autotuning; the tests use it to cover shapes the interpreter config does not.
-    """
+    stride, any row stride); ``configs``: see :func:`fused_lowrank_gru`."""
     configs = configs or {}
     num_tokens, d = y.shape
     dh = weight_z.shape[0]
@@ -437,8 +345,8 @@ def _launch_lowrank_gru(
         # Pass 1 writes h' itself; the workspace pointers are never dereferenced.
         z_buf = ou_buf = rh_buf = h_new
         h_arg, stride_hm = y, 0
-    _run(
-        _gates_tuned, _gru_gates_kernel, num_tokens, dh, "BLOCK_H",
+    launch(
+        _gates_tuned, _gru_gates_kernel, tile_grid(num_tokens, dh, "BLOCK_H"),
         (
             h_arg, y, x, wz, wr, wo, bias_o, z_buf, rh_buf, ou_buf, h_new,
             num_tokens, d, dh, dh_pad, u_off,
@@ -449,8 +357,8 @@ def _launch_lowrank_gru(
         configs.get("gates"),
     )
     if has_h:
-        _run(
-            _update_tuned, _gru_update_kernel, num_tokens, dh, "BLOCK_H",
+        launch(
+            _update_tuned, _gru_update_kernel, tile_grid(num_tokens, dh, "BLOCK_H"),
             (
                 h, rh_buf, z_buf, ou_buf, wo, h_new,
                 num_tokens, dh, dh_pad,
@@ -461,8 +369,8 @@ def _launch_lowrank_gru(
             configs.get("update"),
         )
     wg = _pack_projection(weight_g, dh)
-    _run(
-        _project_tuned, _gru_project_kernel, num_tokens, d, "BLOCK_N",
+    launch(
+        _project_tuned, _gru_project_kernel, tile_grid(num_tokens, d, "BLOCK_N"),
         (
             h_new, wg, x, x_next,
             num_tokens, d, dh, dh_pad,
@@ -474,6 +382,7 @@ def _launch_lowrank_gru(
     )
 
 
+@on_device_of("x")
 def fused_lowrank_gru(
     h: torch.Tensor | None,
     y: torch.Tensor,
@@ -485,11 +394,14 @@ def fused_lowrank_gru(
     weight_g: torch.Tensor,
     candidate_input: str = "y",
     candidate_activation: str = "sigmoid",
+    *,
+    configs: dict[str, triton.Config] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One low-rank GRU step and the residual into the next round, fused (forward only).
 
     Computes ``h' = GRU(h, y)`` as ``graphmoe_fused.gru.lowrank_gru_reference`` does and
     ``x_next = x + h' @ weight_g^T``, accumulating in fp32 and rounding each output once.
+    Runs on ``x``'s device.
 
     Args:
         h: ``[M, dh]`` state, or ``None`` for the zero state of round 1 (cheaper: r and the
@@ -501,6 +413,10 @@ def fused_lowrank_gru(
         weight_g: ``[d, dh]``.
         candidate_input: ``"y"`` (Eq. 6) or ``"x"`` (Algorithm 1, line 19).
         candidate_activation: ``"sigmoid"`` (as printed) or ``"tanh"``.
+        configs: pins the block shapes of passes ``"gates"``, ``"update"`` (``BLOCK_M``,
+            ``BLOCK_H``, ``BLOCK_K``) and ``"project"`` (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``)
+            instead of autotuning them, so tests reach shapes the single interpreter config
+            does not; a pass not named is autotuned.
 
     All tensors share ``x``'s dtype (fp16, bf16 or fp32) and device (CUDA; CPU under
     ``TRITON_INTERPRET=1``).
@@ -514,52 +430,40 @@ def fused_lowrank_gru(
         ValueError: a shape, a device or an option is wrong.
         TypeError: an unsupported or mismatched dtype.
     """
+    configs = pinned_configs(configs, ("gates", "update", "project"))
     if candidate_input not in CANDIDATE_INPUTS:
         raise ValueError(f"candidate_input={candidate_input!r} not in {CANDIDATE_INPUTS}")
     if candidate_activation not in CANDIDATE_ACTIVATIONS:
         raise ValueError(
             f"candidate_activation={candidate_activation!r} not in {CANDIDATE_ACTIVATIONS}"
         )
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, d], got shape {tuple(x.shape)}")
-    num_tokens, d = x.shape
-    if weight_z.dim() != 2:
-        raise ValueError(f"weight_z must be 2-D [dh, dh + d], got {tuple(weight_z.shape)}")
-    dh = weight_z.shape[0]
+    num_tokens, d = check_activation("x", x, "[M, d]")
+    dh, _ = check_ndim("weight_z", weight_z, 2, "[dh, dh + d]")
     if d < 1 or dh < 1:
         raise ValueError(f"need d ≥ 1 and dh ≥ 1, got d={d}, dh={dh}")
-    check_shape("y", y, (num_tokens, d))
-    if h is not None:
-        check_shape("h", h, (num_tokens, dh))
-    for name, w in (("weight_z", weight_z), ("weight_r", weight_r), ("weight_o", weight_o)):
-        check_shape(name, w, (dh, dh + d))
-    check_shape("bias_o", bias_o, (dh,))
-    check_shape("weight_g", weight_g, (d, dh))
-
-    check_float("x", x)
-    named = [("y", y), ("weight_z", weight_z), ("weight_r", weight_r), ("weight_o", weight_o),
-             ("bias_o", bias_o), ("weight_g", weight_g)]
-    if h is not None:
-        named.append(("h", h))
-    check_device("x", x)
-    for name, t in named:
-        check_float(name, t, x.dtype)
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    expected = {
+        "y": (y, (num_tokens, d)), "h": (h, (num_tokens, dh)),
+        "weight_z": (weight_z, (dh, dh + d)), "weight_r": (weight_r, (dh, dh + d)),
+        "weight_o": (weight_o, (dh, dh + d)), "bias_o": (bias_o, (dh,)),
+        "weight_g": (weight_g, (d, dh)),
+    }
+    if h is None:
+        del expected["h"]  # round 1's zero state
+    for name, (t, shape) in expected.items():
+        check_like(name, t, shape, x, x.dtype)
 
     dh_pad = ceil_to(dh, _ALIGN)
     h_buf = new_output((num_tokens, dh_pad), x.dtype, x.device)
     h_new = h_buf[:, :dh]
     x_next = new_output((num_tokens, d), x.dtype, x.device)
-    if num_tokens == 0:
-        return h_new, x_next
-    _launch_lowrank_gru(
-        None if h is None else unit_stride_rows(h),
-        unit_stride_rows(y), unit_stride_rows(x),
-        unit_stride_rows(weight_z), unit_stride_rows(weight_r), unit_stride_rows(weight_o),
-        bias_o.contiguous(), unit_stride_rows(weight_g),
-        h_new, x_next, candidate_input, candidate_activation,
-    )
+    if num_tokens > 0:
+        _launch_lowrank_gru(
+            None if h is None else unit_stride_rows(h),
+            unit_stride_rows(y), unit_stride_rows(x),
+            unit_stride_rows(weight_z), unit_stride_rows(weight_r), unit_stride_rows(weight_o),
+            bias_o.contiguous(), unit_stride_rows(weight_g),
+            h_new, x_next, candidate_input, candidate_activation, configs,
+        )
     return h_new, x_next
 
 
@@ -579,23 +483,23 @@ _GATES_ALIGNED = ("h_ptr", "y_ptr", "x_ptr", "wz_ptr", "wr_ptr", "wo_ptr", "bo_p
 _SHAPE_NOTE = f"d={_D} dh={_DH} bf16"
 
 COMPILE_SPECS = [
-    KernelSpec(
-        name="gru.gates",
-        fn=_gru_gates_kernel,
-        types=_GATES_TYPES,
-        constexprs={"HAS_H": True, "CAND_X": False, "CAND_TANH": False, "INTERP_BF16": False},
-        configs=GATES_GPU_CONFIGS,
-        aligned=_GATES_ALIGNED,
-        note=_SHAPE_NOTE + ", rounds ≥ 2, candidate y",
-    ),
-    KernelSpec(
-        name="gru.gates[h=0,cand=x,tanh]",
-        fn=_gru_gates_kernel,
-        types=_GATES_TYPES,
-        constexprs={"HAS_H": False, "CAND_X": True, "CAND_TANH": True, "INTERP_BF16": False},
-        configs=GATES_GPU_CONFIGS,
-        aligned=_GATES_ALIGNED,
-        note=_SHAPE_NOTE + ", round 1, candidate x, tanh",
+    # Pass 1 in its two variants: three accumulators (h given) is the register-heavy one; round 1
+    # with candidate x reads a second activation tile per K step.
+    *(
+        KernelSpec(
+            name=name,
+            fn=_gru_gates_kernel,
+            types=_GATES_TYPES,
+            constexprs={"HAS_H": has_h, "CAND_X": cand_x, "CAND_TANH": tanh,
+                        "INTERP_BF16": False},
+            configs=GATES_GPU_CONFIGS,
+            aligned=_GATES_ALIGNED,
+            note=_SHAPE_NOTE + note,
+        )
+        for name, has_h, cand_x, tanh, note in (
+            ("gru.gates", True, False, False, ", rounds ≥ 2, candidate y"),
+            ("gru.gates[h=0,cand=x,tanh]", False, True, True, ", round 1, candidate x, tanh"),
+        )
     ),
     KernelSpec(
         name="gru.update",

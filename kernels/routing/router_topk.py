@@ -15,15 +15,22 @@ import triton.language as tl
 from ..compile_spec import KernelSpec
 from ..utils import (
     cast_rne,
-    check_device,
-    check_float,
+    check_activation,
+    check_like,
+    check_ndim,
+    dot_k,
     interpreter_bf16,
     is_interpreter,
-    mma,
+    launch,
     new_output,
+    on_device_of,
+    tile_grid,
+    tile_offsets,
     token_bucket,
     unit_stride_rows,
 )
+
+__all__ = ["MAX_EXPERTS", "fused_router_topk"]
 
 MAX_EXPERTS = 64
 # tl.dot needs every dimension ≥ 16: the expert axis is padded to at least this.
@@ -50,31 +57,11 @@ def _router_topk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    # M·stride can pass 2^31 (8192 tokens × 4096 × T rounds of views): 64-bit row offsets.
-    rows64 = rows.to(tl.int64)
-    experts = tl.arange(0, N_PAD)
-    expert_ok = experts < N
-    offs_d = tl.arange(0, BLOCK_D)
-
-    acc = tl.zeros((BLOCK_M, N_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        col_ok = cols < D
-        a = tl.load(
-            x_ptr + rows64[:, None] * stride_xm + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        # R^T tile [BLOCK_D, N_PAD]; padded experts read zeros and are masked out below.
-        b = tl.load(
-            w_ptr + experts[None, :] * stride_wn + cols[:, None],
-            mask=col_ok[:, None] & expert_ok[None, :],
-            other=0.0,
-        )
-        acc = mma(a, b, acc, INTERP_BF16)
+    # One program per token block; all experts (padded to N_PAD) are its one column block.
+    rows64, row_ok, experts, expert_ok = tile_offsets(tl.program_id(0), 0, M, N, BLOCK_M, N_PAD)
+    # Padded experts read zeros and are masked out below.
+    acc = dot_k(tl.zeros((BLOCK_M, N_PAD), dtype=tl.float32), x_ptr, rows64, row_ok, stride_xm,
+                w_ptr, experts, expert_ok, stride_wn, D, D, BLOCK_D, INTERP_BF16)
 
     # The reference takes the softmax of F.linear's output, which is rounded to the input
     # dtype: rounding here too keeps the routing decisions of the backends identical.
@@ -140,11 +127,8 @@ def _launch_router_topk(
     top_k: int,
     config: triton.Config | None = None,
 ) -> None:
-    """Fills ``probs``, ``weights``, ``index`` (contiguous) for validated inputs.
-
-    ``config`` pins one block shape instead of autotuning (tests use it to cover shapes the
-    single interpreter config does not).
-    """
+    """Fills ``probs``, ``weights``, ``index`` (contiguous) for validated inputs (``config``:
+    see :func:`fused_router_topk`)."""
     num_tokens, hidden = x.shape
     num_experts = router_weight.shape[0]
     args = (
@@ -158,31 +142,27 @@ def _launch_router_topk(
         "K_PAD": triton.next_power_of_2(top_k),
         "INTERP_BF16": interpreter_bf16(x.dtype),
     }
-    if config is None:
-        grid = lambda META: (triton.cdiv(num_tokens, META["BLOCK_M"]),)
-        _router_topk_tuned[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(num_tokens, config.kwargs["BLOCK_M"]),)
-        _router_topk_kernel[grid](
-            *args, **meta, **config.kwargs,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+    launch(_router_topk_tuned, _router_topk_kernel, tile_grid(num_tokens), args, meta, config)
 
 
+@on_device_of("x")
 def fused_router_topk(
-    x: torch.Tensor, router_weight: torch.Tensor, top_k: int
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, *,
+    config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router probabilities and the top-k experts of every token, in one kernel.
 
     Computes ``probs = softmax(x @ router_weight^T)`` in fp32 (the logits rounded to ``x``'s
     dtype first, as ``F.linear`` returns them), then the ``top_k`` most probable experts with
     ties going to the lowest expert index (``graphmoe_fused.routing.select_experts``' rule) and
-    their probabilities renormalised to sum to one.
+    their probabilities renormalised to sum to one. Runs on ``x``'s device.
 
     Args:
         x: ``[M, d]`` tokens, fp16/bf16/fp32, CUDA (CPU under ``TRITON_INTERPRET=1``).
         router_weight: ``[n, d]``, ``x``'s dtype and device, ``n`` ≤ 64.
         top_k: ``1 ≤ top_k ≤ n``.
+        config: pins one block shape (``BLOCK_M``, ``BLOCK_D``) instead of autotuning, so tests
+            reach shapes the single interpreter config does not.
 
     Returns:
         ``probs`` fp32 ``[M, n]``, ``weights`` fp32 ``[M, top_k]`` (renormalised, in descending
@@ -192,37 +172,22 @@ def fused_router_topk(
         ValueError: a shape, a device, ``n`` or ``top_k`` out of range.
         TypeError: an unsupported or mismatched dtype.
     """
-    if x.dim() != 2 or router_weight.dim() != 2:
-        raise ValueError(
-            f"x and router_weight must be 2-D, got {tuple(x.shape)} and "
-            f"{tuple(router_weight.shape)}"
-        )
-    num_tokens, hidden = x.shape
-    num_experts = router_weight.shape[0]
-    if router_weight.shape[1] != hidden:
-        raise ValueError(
-            f"router_weight has shape {tuple(router_weight.shape)}; expected [n, {hidden}]"
-        )
+    num_tokens, hidden = check_activation("x", x, "[M, d]")
+    num_experts, _ = check_ndim("router_weight", router_weight, 2, "[n, d]")
+    check_like("router_weight", router_weight, (num_experts, hidden), x, x.dtype)
     if hidden < 1 or not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(
             f"need d ≥ 1 and 1 ≤ n ≤ {MAX_EXPERTS} experts, got d={hidden}, n={num_experts}"
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, {num_experts}], got {top_k!r}")
-    check_float("x", x)
-    check_float("router_weight", router_weight, x.dtype)
-    check_device("x", x)
-    if router_weight.device != x.device:
-        raise ValueError(f"router_weight is on {router_weight.device}, x on {x.device}")
 
     probs = new_output((num_tokens, num_experts), torch.float32, x.device)
     weights = new_output((num_tokens, top_k), torch.float32, x.device)
     index = new_output((num_tokens, top_k), torch.int64, x.device)
-    if num_tokens == 0:
-        return probs, weights, index
-    _launch_router_topk(
-        unit_stride_rows(x), unit_stride_rows(router_weight), probs, weights, index, top_k
-    )
+    if num_tokens > 0:
+        _launch_router_topk(unit_stride_rows(x), unit_stride_rows(router_weight), probs,
+                            weights, index, top_k, config)
     return probs, weights, index
 
 
