@@ -1,4 +1,4 @@
-"""Turns a pytest-benchmark JSON of ``pytest bench/`` into the markdown tables of DESIGN.md §4.
+"""Turns a pytest-benchmark JSON of ``pytest bench/`` into the markdown tables of docs/design.md §4.
 
     pytest bench/ --benchmark-json=bench/results/2026-11-25-cpu-epyc2.json
     python -m bench.report bench/results/2026-11-25-cpu-epyc2.json \

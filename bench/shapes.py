@@ -1,4 +1,4 @@
-"""Benchmark shapes (DESIGN.md §4) and how a run picks one."""
+"""Benchmark shapes (docs/design.md §4) and how a run picks one."""
 
 from __future__ import annotations
 

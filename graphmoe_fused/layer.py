@@ -79,7 +79,7 @@ class GraphMoEMLP(nn.Module):
 
     ``forward(x)`` takes and returns ``[..., d]`` like ``LlamaMLP``. The base projections are
     frozen and shared with the MLP it was built from; ``router``, the six ``lora_*`` factors and
-    ``gru`` are trained. With the init of DESIGN.md §1 (LoRA B = 0, ``W_g`` = 0) a fresh layer
+    ``gru`` are trained. With the init of docs/design.md §1 (LoRA B = 0, ``W_g`` = 0) a fresh layer
     computes the base MLP.
 
     Bookkeeping: ``expert_counts`` (``[T, n]``) counts the tokens that chose each expert per round

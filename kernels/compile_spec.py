@@ -1,7 +1,7 @@
 """What a kernel module tells the compile report about its kernels.
 
 A kernel module lists ``COMPILE_SPECS: list[KernelSpec]``: each spec is one raw ``@triton.jit``
-function at a representative shape (the llama3-8b benchmark shape of DESIGN §4), with the
+function at a representative shape (the llama3-8b benchmark shape of docs/design.md §4), with the
 autotune configs it can run with. ``python -m graphmoe_fused.kernels.compile_report`` compiles
 every (spec, config, architecture) without a GPU and reads registers, spills, shared memory and
 tensor-core instructions from the result.

@@ -50,7 +50,7 @@ def token_bucket(num_tokens: int) -> int:
 def interpreter_bf16(dtype: torch.dtype) -> bool:
     """Whether the interpreter's bf16 workarounds must be on for operands of this dtype.
 
-    The interpreter holds bf16 as uint16: ``tl.dot`` multiplies the integers (DESIGN §5) and a
+    The interpreter holds bf16 as uint16: ``tl.dot`` multiplies the integers and a
     cast from fp32 truncates instead of rounding to nearest even. With the flag on, kernels widen
     bf16 dot operands to fp32 (``mma``) and round through ``cast_rne``, so the bf16 path is
     checked on the CPU with the numerics the GPU has. Compiled kernels get ``False`` and keep

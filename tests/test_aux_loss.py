@@ -1,4 +1,4 @@
-"""The load-balancing loss (DESIGN.md §3).
+"""The load-balancing loss (docs/design.md §3).
 
 Layer level: the observer API (routing hooks, ``token_mask``, ``update_stats``) the HF glue
 builds on. Model level: the value against a hand computation, padding excluded, added to the

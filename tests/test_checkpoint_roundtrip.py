@@ -1,5 +1,5 @@
 """``save_pretrained`` of a converted model → ``gm.from_pretrained`` gives back the same model:
-every state-dict tensor (DESIGN.md §3 names, ``gru.weight_g`` included although transformers
+every state-dict tensor (docs/design.md §3 names, ``gru.weight_g`` included although transformers
 renames it on load) and the logits, bit for bit; and the one-call loader of base + adapter."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from graphmoe_fused.hf.convert import is_converted
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 from .tiny_models import batch, converted, tiny_model
 
-# DESIGN.md §3: the names of a GraphMoE layer's tensors, as save_pretrained must write them.
+# docs/design.md §3: the names of a GraphMoE layer's tensors, as save_pretrained must write them.
 LAYER_TENSORS = [
     "gate_proj.weight", "up_proj.weight", "down_proj.weight", "router.weight",
     "lora_A_gate", "lora_B_gate", "lora_A_up", "lora_B_up", "lora_A_down", "lora_B_down",

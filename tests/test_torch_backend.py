@@ -218,7 +218,7 @@ def test_dropout_uses_the_reference_masks(plan, gru):
 
 def per_token_with_routing(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions,
                            expert_index: torch.Tensor) -> RoutedOutput:
-    """The layer with the experts given, one token at a time, written from DESIGN §1 on vectors.
+    """The layer with the experts given, one token at a time, written from design.md §1 on vectors.
 
     The reference cannot be told which experts to use (it routes itself), so this is the
     expectation for a forced routing: no batching, no plan, no shared code with the backends

@@ -113,13 +113,13 @@ FROZEN_BASE = ("gate_weight", "up_weight", "down_weight")
 
 def check_frozen_base(p: GraphMoEParams, backend: str) -> None:
     """The fast backends compute no gradient for the base projections (frozen by design,
-    DESIGN §2): one that requires grad while grad mode is on is an error, not a silent zero."""
+    design.md §2): one that requires grad while grad mode is on is an error, not a silent zero."""
     if not torch.is_grad_enabled():
         return
     trainable = [name for name in FROZEN_BASE if getattr(p, name).requires_grad]
     if trainable:
         raise RuntimeError(
-            f"the {backend} backend treats the base MLP weights as frozen (DESIGN §2) and "
+            f"the {backend} backend treats the base MLP weights as frozen (docs/design.md §2) and "
             f"computes no gradient for them, but {trainable} require grad; call "
             ".requires_grad_(False) on them or use backend='reference'"
         )

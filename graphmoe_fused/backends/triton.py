@@ -1,6 +1,6 @@
 """The `triton` backend: the GraphMoE layer on the hand-written Triton kernels.
 
-Per round ``t`` (DESIGN §1), four launches plus the small rank-``r`` one:
+Per round ``t`` (docs/design.md §1), four launches plus the small rank-``r`` one:
 
 1. ``fused_router_topk``: softmax router probabilities, top-k, renormalised weights;
 2. ``expert_gate_up``: ``c · x_lora A^T`` for all experts, then one pass over ``x`` computing the

@@ -1,7 +1,7 @@
 """Whole checkpoints and PEFT: loading a converted model in one call, and PEFT in either order.
 
 Checkpoints. ``model.save_pretrained(dir)`` of a converted model writes every tensor under the
-names of DESIGN.md §3 and the :class:`GraphMoEConfig` as ``graphmoe_config`` in ``config.json``.
+names of design.md §3 and the :class:`GraphMoEConfig` as ``graphmoe_config`` in ``config.json``.
 ``AutoModelForCausalLM.from_pretrained(dir)`` cannot rebuild that model: it knows nothing of
 GraphMoE, drops the GraphMoE tensors as unexpected, and renames keys ending in ``weight_g`` (its
 legacy weight-norm rule) before dropping them. :func:`from_pretrained` loads the base part with

@@ -446,7 +446,7 @@ def expert_gate_up(
 
 
 # ---------------------------------------------------------------------------------------------
-# What the compile report builds: the llama3-8b shape of DESIGN §4 (d=4096, D'=14336, n=8, k=2,
+# What the compile report builds: the llama3-8b shape of design.md §4 (d=4096, D'=14336, n=8, k=2,
 # r=16, 8192 tokens, bf16).
 # ---------------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ __all__ = [
 
 # The masked-dense products cost n·r MACs per slot and output element where a grouped product
 # would cost r: at n·r = 256, k = 2 that is ~19 % of the base gate/up work at d = 4096, past
-# which a grouped product wins (DESIGN §2).
+# which a grouped product wins (docs/design.md §2).
 MAX_MASKED_DENSE_COLS = 256
 
 

@@ -467,7 +467,7 @@ def fused_lowrank_gru(
     return h_new, x_next
 
 
-# llama3-8b (DESIGN §4): d=4096, dh=409 (rows packed to dh_pad=416, gate row stride 4512), bf16.
+# llama3-8b (design.md §4): d=4096, dh=409 (rows packed to dh_pad=416, gate row stride 4512), bf16.
 # The sizes are runtime arguments, so only the dtypes, flags and alignment shape the code.
 _D, _DH = 4096, 409
 _GATES_TYPES = {

@@ -191,7 +191,7 @@ def fused_router_topk(
     return probs, weights, index
 
 
-# llama3-8b (DESIGN §4): d=4096, n=8, k=2, bf16.
+# llama3-8b (docs/design.md §4): d=4096, n=8, k=2, bf16.
 COMPILE_SPECS = [
     KernelSpec(
         name="routing.router_topk",

@@ -17,7 +17,7 @@ Two plans implement them; :func:`choose_expert_plan` picks one.
 ``MaskedPlan`` (pairs slot-major, shape ``(k, M)``): one dense product against *all* experts'
 factors, ``[M, n·r']`` against ``[n·r', w]``, with the blocks of unchosen experts zeroed. It does
 ``n`` times the rank-r FLOPs, but on a GPU with ``n·r ≤ ~256`` all experts' factors fit one
-tensor-core tile (DESIGN §2), so the masked GEMM costs about what a single-expert one would; it
+tensor-core tile (design.md §2), so the masked GEMM costs about what a single-expert one would; it
 needs no sort, no gathers of ``D'``-wide rows, and the base add fuses into ``addmm``. A CPU has
 no such tile and pays the n-fold FLOPs, so there it is kept for tiny ``n·r`` only.
 
@@ -38,7 +38,7 @@ import torch
 from ..contract import new_empty, new_empty_like
 
 # Largest n·r for which the masked plan is chosen. On a GPU all experts' rank-r columns fit one
-# tensor-core tile up to ~256 (DESIGN §2), so the n-fold FLOPs are nearly free. A CPU has no
+# tensor-core tile up to ~256 (docs/design.md §2), so the n-fold FLOPs are nearly free. A CPU has no
 # such tile: the masked products cost n·r·D' FLOPs per pair, compute-bound, while the grouped
 # ones (r ≤ ~32) are memory-bound, about one pass over the D'-wide rows. Measured at the
 # cpu-small shape (d=1024, D'=2816, k=2, 1024 tokens, fp32, forward+backward, one thread, CPU

@@ -4,7 +4,7 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
 
 * **3 base GEMMs per token per round whatever k is.** Gate and up are computed once and shared by
   the chosen experts; the down projection runs once on the mixed activation, because ``W_D`` is
-  linear and shared: ``Σ_j w_j W_D h_j = W_D Σ_j w_j h_j`` (DESIGN §2). Only the rank-r deltas
+  linear and shared: ``Σ_j w_j W_D h_j = W_D Σ_j w_j h_j`` (design.md §2). Only the rank-r deltas
   are per slot; they go through :mod:`.expert` (masked dense over all
   experts, or grouped by expert), never a Python loop over experts.
 * **No host sync** (no ``.item()``, ``nonzero``, data-dependent shape) in forward or backward.
