@@ -317,6 +317,9 @@ def test_auto_resolves_to_torch_for_training(monkeypatch):
     for name in ("reference", "torch", "triton"):
         assert resolve_backend(name, cuda, needs_grad=True) == name
         assert resolve_backend(name, cpu) == name
+    monkeypatch.setattr(backends, "is_compiling", lambda: True)  # the triton backend refuses
+    assert resolve_backend("auto", cuda, needs_grad=False) == "torch"
+    monkeypatch.setattr(backends, "is_compiling", lambda: False)
     monkeypatch.setattr(backends, "triton_available", lambda: False)
     assert resolve_backend("auto", cuda, needs_grad=False) == "torch"
     # "auto" is a choice to resolve, not a backend.
