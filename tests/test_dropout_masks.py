@@ -1,0 +1,94 @@
+"""The counter-based LoRA dropout masks: the torch definition and the Triton one agree bit for
+bit, and the masks behave as dropout masks should (rate, independence across streams, rounds,
+tokens, columns and seeds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from graphmoe_fused.backends import dropout as torch_side
+from graphmoe_fused.kernels import dropout as kernel_side
+
+from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
+
+
+@triton.jit
+def _keep_kernel(out_ptr, key, threshold, M, N, row0, col0, BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    keep = kernel_side.keep_mask(key, rows + row0, cols + col0, threshold)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], keep.to(tl.int8), mask=ok)
+
+
+def _kernel_mask(key: int, rows: int, cols: int, p: float, row0: int = 0, col0: int = 0):
+    out = torch.full((rows, cols), -1, dtype=torch.int8)
+    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 32))
+    _keep_kernel[grid](out, key, kernel_side.drop_threshold(p), rows, cols, row0, col0,
+                       BM=16, BN=32)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**32 + 5, 2**62 - 3])
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_kernel_and_torch_masks_are_bit_identical(seed, p):
+    for round_index, stream in ((0, 0), (2, 1), (7, 3)):
+        key = torch_side.stream_key(seed, round_index, stream)
+        assert key == kernel_side.stream_key(seed, round_index, stream)
+        want = torch_side.keep_mask(key, 37, 70, p, torch.device("cpu"))
+        got = _kernel_mask(key, 37, 70, p)
+        assert torch.equal(got.bool(), want) and (got >= 0).all()
+
+
+def test_large_token_and_column_indices_agree():
+    # Row and column indices past 2^16 (and a token index past 2^31 / 4): the uint32 products
+    # must wrap identically on both sides.
+    key = torch_side.stream_key(12345, 1, 2)
+    rows, cols = 1_000_003, 70_001
+    got = _kernel_mask(key, 16, 32, 0.3, row0=rows, col0=cols)
+    full_rows = torch.arange(rows, rows + 16, dtype=torch.int64)
+    full_cols = torch.arange(cols, cols + 32, dtype=torch.int64)
+    bits = torch_side._mix32(torch_side._mix32(full_rows ^ key)[:, None]
+                             ^ torch_side._mul32(full_cols, 0x9E3779B9)[None, :])
+    assert torch.equal(got.bool(), bits >= torch_side.drop_threshold(0.3))
+
+
+def test_mul32_is_exact_modular_multiplication():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2**32, (10_000,), generator=g, dtype=torch.int64)
+    for c in (0x7FEB352D, 0x846CA68B, 0x9E3779B9, 1, 0xFFFFFFFF):
+        want = torch.tensor([(int(v) * c) % 2**32 for v in x[:200]], dtype=torch.int64)
+        assert torch.equal(torch_side._mul32(x[:200], c), want)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_keep_rate_and_independence(p):
+    masks = torch_side.lora_dropout_masks(7, 1, 256, 64, 2, 96, p, torch.device("cpu"))
+    keep_x, keep_h = masks
+    n = keep_x.numel() + keep_h.numel()
+    rate = (keep_x.sum() + keep_h.sum()).item() / n
+    # Binomial standard error at n ≈ 65k draws: 5 sigma is < 1%.
+    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
+    # Different streams, rounds and seeds give unrelated masks: agreement is the chance rate.
+    chance = p * p + (1 - p) * (1 - p)
+    others = [keep_h[:, 1, :64], torch_side.lora_dropout_masks(7, 2, 256, 64, 2, 96, p,
+                                                                torch.device("cpu"))[0],
+              torch_side.lora_dropout_masks(8, 1, 256, 64, 2, 96, p, torch.device("cpu"))[0]]
+    for a, b in ((keep_x, others[0]), (keep_x, others[1]), (keep_x, others[2]),
+                 (keep_h[:, 0], keep_h[:, 1])):
+        agree = (a == b).float().mean().item()
+        assert abs(agree - chance) < 5 * (chance * (1 - chance) / a.numel()) ** 0.5 + 1e-3
+    # Neighbouring tokens and columns are not correlated either.
+    for a, b in ((keep_x[1:], keep_x[:-1]), (keep_x[:, 1:], keep_x[:, :-1])):
+        agree = (a == b).float().mean().item()
+        assert abs(agree - chance) < 5 * (chance * (1 - chance) / a.numel()) ** 0.5 + 1e-3
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dropout probability"):
+        torch_side.drop_threshold(1.0)
+    with pytest.raises(ValueError, match="round"):
+        torch_side.stream_key(0, 70_000, 0)
