@@ -40,6 +40,10 @@ class GraphMoEConfig:
             GEMMs per round: 8 instead of 6 forward+backward). ``False``: they also save the
             base gate and up products (``2·D'`` values per token per round, as a dense SwiGLU
             MLP does) and recompute only the rank-``r`` deltas.
+        deterministic: the Triton kernels reduce across tiles without float atomics (per-tile
+            partials summed in a fixed order), so a run gives bit-identical outputs and
+            gradients every time, at some cost in speed. The reference and torch backends are
+            deterministic anyway.
     """
 
     num_experts: int = 8
@@ -58,6 +62,7 @@ class GraphMoEConfig:
     attention_lora_alpha: float | None = None
     router_init_std: float = 0.02
     recompute_intermediates: bool = True
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         self._check_int("num_experts", minimum=1)
@@ -85,7 +90,7 @@ class GraphMoEConfig:
         if self.attention_lora_alpha is not None:
             self._check_positive("attention_lora_alpha")
         self._check_positive("router_init_std")
-        for name in ("attention_lora", "recompute_intermediates"):
+        for name in ("attention_lora", "recompute_intermediates", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 

@@ -41,7 +41,7 @@ KEPT_SAMPLE_TENSORS = 16
 # Fields that only steer how a layer runs or trains; an adapter loads whatever they are.
 RUNTIME_FIELDS = frozenset(
     {"backend", "recompute_intermediates", "lora_dropout", "router_aux_loss_coef",
-     "router_init_std"}
+     "router_init_std", "deterministic"}
 )
 # Module attributes through which PEFT wrappers hold the module they wrap.
 _PEFT_WRAPPED = ("base_layer", "original_module")
