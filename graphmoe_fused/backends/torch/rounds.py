@@ -41,6 +41,7 @@ Double backward is not supported (``once_differentiable``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -209,13 +210,15 @@ class _Grads:
 
 def _round_backward(
     x_t: torch.Tensor, grad_y: torch.Tensor, grad_probs: torch.Tensor | None,
-    probs: torch.Tensor, experts: torch.Tensor, a_gate_up: torch.Tensor, a_down: torch.Tensor,
-    base: tuple[torch.Tensor, torch.Tensor] | None, w: _Weights, router_acc: torch.Tensor,
-    st: _Static, t: int, grads: _Grads, need_grad_x: bool,
+    probs: torch.Tensor, experts: torch.Tensor, a_gate_up: torch.Tensor | None,
+    a_down: torch.Tensor | None, base: tuple[torch.Tensor, torch.Tensor] | None, w: _Weights,
+    router_acc: torch.Tensor, st: _Static, t: int, grads: _Grads, need_grad_x: bool,
 ) -> torch.Tensor | None:
     """Backward of one MoE round given ``∂L/∂y_t`` (and ``∂L/∂probs_t``); accumulates the
     parameter gradients into ``grads`` and returns ``∂L/∂x_t`` from this round's MoE part.
-    ``base`` is the saved ``(G, U)``, or ``None`` to recompute it."""
+    ``base`` is the saved ``(G, U)``, or ``None`` to recompute it; ``a_gate_up`` / ``a_down``
+    the saved rank-r LoRA activations, or ``None`` to recompute them (a forward that did not
+    keep them: the triton backend's)."""
     opt, cd = st.opt, st.compute_dtype
     acc = probs.dtype
     c, r, p = opt.lora_scaling, w.rank, opt.dropout_p
@@ -223,6 +226,9 @@ def _round_backward(
     plan = make_plan(st.plan, experts, w.router.shape[0])
     masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
     xc = x_t.to(cd)
+    x_lora = _lora_input(x_t, xc, masks, p, cd)
+    if a_gate_up is None:
+        a_gate_up = plan.project_tokens(x_lora, w.a_gate_up).to(acc)
     # Only the rank-r deltas are recomputed when (G, U) was saved; gate and up are fresh
     # buffers either way, so everything below may work in place on them.
     gate, up = _gate_up(base or _base_gate_up(xc, w), a_gate_up, plan, w, c)
@@ -233,6 +239,8 @@ def _round_backward(
     silu = F.silu(gate)
     h = silu * up
     h_lora = h if masks is None else apply_dropout(h, masks.h, p)
+    if a_down is None:
+        a_down = plan.project_pairs(h_lora, w.a_down).to(acc)
 
     # y = W_D Σ_j w_j h_j + c Σ_j w_j B_D[e_j] a_down_j
     grad_mix = plan.broadcast_tokens(grad_yc @ w.down)
@@ -266,7 +274,6 @@ def _round_backward(
         [plan.project_pairs(grad_gate, w.bt_gate), plan.project_pairs(grad_up, w.bt_up)], -1
     ).to(acc).mul_(c)
     grad_a_gate_up_c = grad_a_gate_up.to(cd)
-    x_lora = _lora_input(x_t, xc, masks, p, cd)
     grads.a_gate_up += plan.outer_tokens(grad_a_gate_up_c, x_lora)
 
     # Routing: w_j = p_{e_j} / Σ_l p_{e_l} (top-k is piecewise constant), then the softmax.
@@ -334,91 +341,118 @@ class _GraphMoEFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _):
         st: _Static = ctx.st
-        opt, cd = st.opt, st.compute_dtype
-        acc = torch.promote_types(cd, torch.float32)
-        num_rounds = opt.num_rounds
+        num_rounds = st.opt.num_rounds
         saved = ctx.saved_tensors
         x, p = saved[0], GraphMoEParams(*saved[1:16])
         probs, index, a_gate_up, a_down = saved[16:20]
         states = saved[20:20 + num_rounds - 1]
         outputs = saved[19 + num_rounds:18 + 2 * num_rounds]
         bases = saved[18 + 2 * num_rounds:]  # G_0, U_0, G_1, ... (no recomputation) or none
-        # Gradients may arrive expanded (stride 0) or as other views.
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        grad_y = grad_y.contiguous()
-        if grad_probs is not None:
-            grad_probs = grad_probs.contiguous()
+        grads = rounds_backward(
+            x, p, st, probs, index, states, outputs, grad_y, grad_probs,
+            ctx.needs_input_grad[0], rank_r=(a_gate_up, a_down), bases=bases,
+        )
+        # (x, static, forced_index, gate, up, down, router, six LoRA factors, five GRU tensors)
+        grads_out = (grads[0], None, None, None, None, None, *grads[1:])
+        return tuple(g if need else None
+                     for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
 
-        with torch.autocast(x.device.type, enabled=False):
-            w = _Weights(p, cd, acc)
-            gru_acc = prepare_gru(p.gru_weight_z, p.gru_weight_r, p.gru_weight_o,
-                                  p.gru_bias_o, p.gru_weight_g, acc, acc)
-            router_acc = p.router_weight.to(acc)
-            grads = _Grads(p, w, acc)
-            # Round inputs, rebuilt exactly as forward built them.
+
+def rounds_backward(
+    x: torch.Tensor, p: GraphMoEParams, st: _Static, probs: torch.Tensor, index: torch.Tensor,
+    states: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+    grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, need_grad_x: bool, *,
+    rank_r: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bases: Sequence[torch.Tensor] = (), inputs: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward of T rounds from what a forward kept: the routing (``probs``, ``index``),
+    the GRU states ``h_1..h_{T-1}`` and the non-final outputs ``y_1..y_{T-1}``; optionally the
+    rank-r LoRA activations (``rank_r``, per round in the plan's pair layout), the base gate/up
+    products (``bases``: ``G_0, U_0, G_1, ...``) and the round inputs (``inputs``: ``x_1..x_T``),
+    each recomputed when absent. Shared by this backend's Function and the triton backend,
+    whose kernel forward keeps the same things.
+
+    Returns the gradients of ``(x, router, A_G, B_G, A_U, B_U, A_D, B_D, W_z, W_r, W_o, b_o,
+    W_g)`` in their parameters' dtypes (``x``'s only when ``need_grad_x``; the GRU's ``None``
+    with one round, as the reference, where they are unused).
+    """
+    opt, cd = st.opt, st.compute_dtype
+    acc = torch.promote_types(cd, torch.float32)
+    num_rounds = opt.num_rounds
+    # Gradients may arrive expanded (stride 0) or as other views.
+    grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
+    if grad_probs is not None:
+        grad_probs = grad_probs.contiguous()
+    states = [s.to(acc) for s in states]
+
+    with torch.autocast(x.device.type, enabled=False):
+        w = _Weights(p, cd, acc)
+        gru_acc = prepare_gru(p.gru_weight_z, p.gru_weight_r, p.gru_weight_o,
+                              p.gru_bias_o, p.gru_weight_g, acc, acc)
+        router_acc = p.router_weight.to(acc)
+        grads = _Grads(p, w, acc)
+        if inputs is None:  # round inputs, rebuilt exactly as this backend's forward built them
             xs = [x]
             for state in states:
                 xs.append(xs[-1] + (state.to(cd) @ w.gru.g.t()).to(x.dtype))
+        else:
+            xs = list(inputs)
 
-            grad_x: torch.Tensor | None = None  # ∂L/∂x_{t+1} while processing round t
-            grad_h: torch.Tensor | None = None  # ∂L/∂h_{t+1} from the GRU step t+1
-            grad_y_t: torch.Tensor = grad_y
-            for t in reversed(range(num_rounds)):
-                grad_x_t = None
-                if t < num_rounds - 1:
-                    # x_{t+1} = x_t + W_g h_{t+1};  h_{t+1} = GRU(h_t, y_t, x_t)
-                    grads.gru_g += grad_x.t() @ states[t]
-                    grad_state = grad_x @ gru_acc.g
-                    if grad_h is not None:
-                        grad_state += grad_h
-                    h_prev = states[t - 1] if t > 0 else torch.zeros_like(states[t])
-                    g = gru_step_backward(grad_state, h_prev, outputs[t], xs[t], w.gru, gru_acc,
-                                          opt.gru_candidate_input, opt.gru_candidate_activation)
-                    grads.gru_zr += g.zr
-                    grads.gru_o += g.o
-                    grads.gru_bias_o += g.bias_o
-                    grad_h = g.h
-                    grad_y_t = g.y
-                    grad_x_t = grad_x if g.x is None else grad_x + g.x
-                need_grad_x = t > 0 or ctx.needs_input_grad[0]
-                grad_moe = _round_backward(
-                    xs[t], grad_y_t, None if grad_probs is None else grad_probs[t],
-                    probs[t], index[t], a_gate_up[t], a_down[t],
-                    bases[2 * t:2 * t + 2] or None,
-                    w, router_acc, st, t, grads, need_grad_x,
-                )
-                if grad_moe is not None:
-                    grad_x_t = grad_moe if grad_x_t is None else grad_x_t.add_(grad_moe)
-                grad_x = grad_x_t
+        grad_x: torch.Tensor | None = None  # ∂L/∂x_{t+1} while processing round t
+        grad_h: torch.Tensor | None = None  # ∂L/∂h_{t+1} from the GRU step t+1
+        grad_y_t: torch.Tensor = grad_y
+        for t in reversed(range(num_rounds)):
+            grad_x_t = None
+            if t < num_rounds - 1:
+                # x_{t+1} = x_t + W_g h_{t+1};  h_{t+1} = GRU(h_t, y_t, x_t)
+                grads.gru_g += grad_x.t() @ states[t]
+                grad_state = grad_x @ gru_acc.g
+                if grad_h is not None:
+                    grad_state += grad_h
+                h_prev = states[t - 1] if t > 0 else torch.zeros_like(states[t])
+                g = gru_step_backward(grad_state, h_prev, outputs[t], xs[t], w.gru, gru_acc,
+                                      opt.gru_candidate_input, opt.gru_candidate_activation)
+                grads.gru_zr += g.zr
+                grads.gru_o += g.o
+                grads.gru_bias_o += g.bias_o
+                grad_h = g.h
+                grad_y_t = g.y
+                grad_x_t = grad_x if g.x is None else grad_x + g.x
+            grad_moe = _round_backward(
+                xs[t], grad_y_t, None if grad_probs is None else grad_probs[t],
+                probs[t], index[t],
+                None if rank_r is None else rank_r[0][t],
+                None if rank_r is None else rank_r[1][t],
+                tuple(bases[2 * t:2 * t + 2]) or None,
+                w, router_acc, st, t, grads, t > 0 or need_grad_x,
+            )
+            if grad_moe is not None:
+                grad_x_t = grad_moe if grad_x_t is None else grad_x_t.add_(grad_moe)
+            grad_x = grad_x_t
 
-        r = w.rank
-        dh = p.gru_weight_g.shape[1]
+    r = w.rank
+    dh = p.gru_weight_g.shape[1]
 
-        def cast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            return g.to(like.dtype).contiguous()
+    def cast(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return g.to(like.dtype).contiguous()
 
-        # With one round the GRU never runs: no gradient, as the reference (unused parameters).
-        gru = num_rounds > 1
-        grads_out = (
-            cast(grad_x, x) if ctx.needs_input_grad[0] else None,
-            None, None,  # static, forced_index
-            None, None, None,  # frozen base gate / up / down
-            cast(grads.router, p.router_weight),
-            cast(grads.a_gate_up[:, :r], p.lora_A_gate),
-            cast(grads.bt_gate.transpose(1, 2), p.lora_B_gate),
-            cast(grads.a_gate_up[:, r:], p.lora_A_up),
-            cast(grads.bt_up.transpose(1, 2), p.lora_B_up),
-            cast(grads.a_down, p.lora_A_down),
-            cast(grads.bt_down.transpose(1, 2), p.lora_B_down),
-            cast(grads.gru_zr[:dh], p.gru_weight_z) if gru else None,
-            cast(grads.gru_zr[dh:], p.gru_weight_r) if gru else None,
-            cast(grads.gru_o, p.gru_weight_o) if gru else None,
-            cast(grads.gru_bias_o, p.gru_bias_o) if gru else None,
-            cast(grads.gru_g, p.gru_weight_g) if gru else None,
-        )
-        return tuple(g if need else None
-                     for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
+    # With one round the GRU never runs: no gradient, as the reference (unused parameters).
+    gru = num_rounds > 1
+    return (
+        cast(grad_x, x) if need_grad_x else None,
+        cast(grads.router, p.router_weight),
+        cast(grads.a_gate_up[:, :r], p.lora_A_gate),
+        cast(grads.bt_gate.transpose(1, 2), p.lora_B_gate),
+        cast(grads.a_gate_up[:, r:], p.lora_A_up),
+        cast(grads.bt_up.transpose(1, 2), p.lora_B_up),
+        cast(grads.a_down, p.lora_A_down),
+        cast(grads.bt_down.transpose(1, 2), p.lora_B_down),
+        cast(grads.gru_zr[:dh], p.gru_weight_z) if gru else None,
+        cast(grads.gru_zr[dh:], p.gru_weight_r) if gru else None,
+        cast(grads.gru_o, p.gru_weight_o) if gru else None,
+        cast(grads.gru_bias_o, p.gru_bias_o) if gru else None,
+        cast(grads.gru_g, p.gru_weight_g) if gru else None,
+    )
 
 
 def check_expert_index(index: object, x: torch.Tensor, opt: RoundOptions, num_experts: int,
