@@ -265,13 +265,16 @@ def test_backward_low_precision_within_reference_error(dtype):
     eps = torch.finfo(dtype).eps
     for name, got, ref_value, truth in pairs:
         assert got.dtype == ref_value.dtype, name
-        # Both round every GEMM to the dtype (the triton backward is the torch backend's,
-        # whose products run in the dtype too), in other orders and at other points. Measured
-        # here: y and probabilities 0.7-0.9× the reference's error, the gradients 0.7-1.6×
-        # (1-3 eps; the router's 8-11 eps for both, from the cancellation in the softmax
-        # backward). 2× plus a quarter ulp covers that rounding-order spread on 16 tokens; a
-        # wrong term or scale is O(1), hundreds of eps.
-        assert err(got, truth) <= 2 * err(ref_value, truth) + eps / 4, name
+        # Both round every GEMM to the dtype, in other orders and at other points. The triton
+        # backward differentiates the kernels' own forward: it starts from the GRU states, round
+        # inputs and outputs the kernels stored in the dtype, where the torch backend keeps the
+        # state in fp32. Measured here: y and probabilities 0.7-0.9× the reference's error; the
+        # gradients 0.7-1.1× in fp16 and 0.8-4.0× in bf16 (1-5 eps; the router's 8-11 eps for
+        # both, from the cancellation in the softmax backward). 2× (fp16) or 5× (bf16) plus a
+        # quarter ulp covers that spread on 16 tokens; a wrong term or scale is O(1), hundreds
+        # of eps.
+        factor = 5 if dtype == torch.bfloat16 and name not in ("y", "probs") else 2
+        assert err(got, truth) <= factor * err(ref_value, truth) + eps / 4, name
 
 
 def test_router_probs_is_differentiable_output():

@@ -9,20 +9,19 @@ Per round ``t`` (docs/design.md §1), four launches plus the small rank-``r`` on
 3. ``expert_down``: ``y = W_D h_mix + c · a_mix B_D^T`` (3 base GEMMs per token per round in all);
 4. ``fused_lowrank_gru``: the GRU state and the next round's input (not after the last round).
 
-LoRA dropout uses :func:`.dropout.lora_dropout_masks` with the options' seed and the round
-index: the masks are the reference's, and again the same in the recomputing backward.
+LoRA dropout uses the masks of :mod:`.dropout` with the options' seed and the round index: the
+masks are the reference's, and again the same in the backward.
 
-Training: the kernels are forward-only for now (backward kernels are a later issue). The forward
-runs inside a ``torch.autograd.Function`` that saves its inputs (``x`` and the parameters, which
-are not copies) and the experts the router kernel chose (``[T, M, k]`` int64); its backward
-recomputes the forward with the differentiable torch backend
-(:func:`graphmoe_fused.backends.torch.graphmoe_torch`) under ``torch.enable_grad``, *with those
-experts* (its ``expert_index``), and returns ``torch.autograd.grad`` for ``x`` and every
-parameter that requires grad, from the gradients of both differentiable outputs, ``y`` and
-``router_probs``. The recompute sees the same dropout masks, autocast state and routing as the
-forward: at a near tie the torch backend's own top-k could pick another expert than the kernel
-(the kernel's logits are summed in another order than cuBLAS's), and the gradient would then be
-that of a function the forward never computed.
+Training: the backward kernels are a later issue. The forward runs inside a
+``torch.autograd.Function`` that keeps what the kernels computed and the backward needs: the
+router probabilities and chosen experts, the GRU states, the non-final outputs and the round
+inputs (``T - 1`` of each, besides ``x`` and the parameters, which are not copies). Its backward
+is the torch backend's (:func:`graphmoe_fused.backends.torch.rounds.rounds_backward`), run from
+those: nothing is routed or computed forward again except each round's ``D'``-wide activations,
+which that backward recomputes from ``x_t`` anyway. So the gradient is the one of the function
+the kernels computed, with their routing (at a near tie the torch backend's own top-k could pick
+another expert than the router kernel, whose logits are summed in another order), and a triton
+training step costs the kernels' forward plus the torch backend's backward.
 
 Devices: CUDA; CPU only under ``TRITON_INTERPRET=1`` (set before importing triton), for tests.
 """
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -43,7 +43,8 @@ from .contract import (
     compute_dtype,
 )
 from .dropout import apply_dropout, lora_dropout_masks
-from .torch import graphmoe_torch, graphmoe_torch_unchecked
+from .torch import graphmoe_torch
+from .torch import rounds as torch_rounds
 
 
 def triton_available() -> bool:
@@ -89,7 +90,17 @@ def _kernels_cover(p: GraphMoEParams) -> str | None:
     return None
 
 
-def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
+class _KernelForward(NamedTuple):
+    """What the kernels computed: the backend's outputs, and what the backward needs of the
+    rounds (``T - 1`` each): the GRU states, the non-final outputs and the later inputs."""
+
+    routed: RoutedOutput
+    states: list[torch.Tensor]  # h_1 .. h_{T-1}
+    outputs: list[torch.Tensor]  # y_1 .. y_{T-1}
+    inputs: list[torch.Tensor]  # x_2 .. x_T
+
+
+def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelForward:
     """The T rounds on the kernels, no autograd. ``x`` and ``p`` share one dtype."""
     from ..kernels.expert import expert_down, expert_gate_up, expert_lora_layout
     from ..kernels.gru import fused_lowrank_gru
@@ -104,6 +115,7 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOut
     h = None  # the zero state of round 1, which the GRU kernel skips
     x_t = x
     all_probs, all_index = [], []
+    states, outputs, inputs = [], [], []
     for t in range(opt.num_rounds):
         probs, weights, experts = fused_router_topk(x_t, p.router_weight, opt.top_k)
         all_probs.append(probs)
@@ -128,70 +140,63 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOut
             h, y, x_t, p.gru_weight_z, p.gru_weight_r, p.gru_weight_o, p.gru_bias_o,
             p.gru_weight_g, opt.gru_candidate_input, opt.gru_candidate_activation,
         )
-    return RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
+        states.append(h)
+        outputs.append(y)
+        inputs.append(x_t)
+    routed = RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
+    return _KernelForward(routed, states, outputs, inputs)
 
 
 class _TritonGraphMoE(torch.autograd.Function):
-    """``(x, opt, *params) -> (y, router_probs, expert_index)``: kernel forward, recomputing
-    torch-backend backward."""
+    """``(x, opt, *params) -> (y, router_probs, expert_index)``: the kernels' forward, and the
+    backward of the torch backend run from what the kernels computed (module docstring)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, opt: RoundOptions, *params: torch.Tensor):
         device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        autocast_dtype = torch.get_autocast_dtype(device_type)
         cd = compute_dtype(x)
         # Autocast would not reach inside the kernels: the casts are made here, explicitly. A
         # parameter in another dtype is copied on every call (keep the layer in the compute
         # dtype to avoid that).
         p = GraphMoEParams(*(t if t.dtype == cd else t.to(cd) for t in params))
         with torch.autocast(device_type, enabled=False):
-            out = _forward(x.to(cd), p, opt)
-        ctx.opt = opt
-        ctx.autocast = (autocast, autocast_dtype)
-        ctx.save_for_backward(x, out.expert_index, *params)
+            fwd = _forward(x.to(cd), p, opt)
+        out = fwd.routed
+        ctx.static = torch_rounds.backward_static(x, GraphMoEParams(*params), opt, cd)
+        ctx.num_rounds = opt.num_rounds
+        # The round inputs in x's dtype, as the torch backend's backward takes them (exact: a
+        # widening cast under autocast, a no-op otherwise).
+        ctx.save_for_backward(x, *params, out.router_probs, out.expert_index, *fwd.states,
+                              *fwd.outputs, *(x_t.to(x.dtype) for x_t in fwd.inputs))
         ctx.mark_non_differentiable(out.expert_index)
         return out.y.to(x.dtype), out.router_probs, out.expert_index
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _grad_index):
-        x, expert_index, *params = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
-        autocast, autocast_dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(x.device.type, dtype=autocast_dtype,
-                                                 enabled=autocast):
-            inputs = [t.detach().requires_grad_(need)
-                      for t, need in zip((x, *params), needs, strict=True)]
-            # The forward's routing, not a fresh top-k (module docstring). The router kernel
-            # made the index (in range, one expert per slot) and forward checked the shapes:
-            # the unchecked entry skips the value check's device sync.
-            out = graphmoe_torch_unchecked(inputs[0], GraphMoEParams(*inputs[1:]), ctx.opt,
-                                           expert_index=expert_index)
-        outputs, grad_outputs = [], []
-        # Gradients may arrive expanded (stride 0); the torch backend wants them dense.
-        if grad_y is not None:
-            outputs.append(out.y)
-            grad_outputs.append(grad_y.contiguous())
-        if grad_probs is not None:
-            outputs.append(out.router_probs)
-            grad_outputs.append(grad_probs.contiguous())
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(
-            torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)
-            if outputs and wanted else ()
+        saved, n = ctx.saved_tensors, ctx.num_rounds - 1
+        x, params = saved[0], GraphMoEParams(*saved[1:16])
+        probs, index = saved[16:18]
+        states, outputs, inputs = saved[18:18 + n], saved[18 + n:18 + 2 * n], saved[18 + 2 * n:]
+        # The forward's routing, states and round inputs: nothing is routed or run again but
+        # each round's D'-wide activations, which the torch backward recomputes from x_t.
+        grads = torch_rounds.rounds_backward(
+            x, params, ctx.static, probs, index, states, outputs, grad_y, grad_probs,
+            ctx.needs_input_grad[0], inputs=(x, *inputs),
         )
-        result = [next(grads) if t.requires_grad else None for t in inputs]
-        return (result[0], None, *result[1:])
+        # (x, opt, gate, up, down, router, six LoRA factors, five GRU tensors)
+        grads_out = (grads[0], None, None, None, None, *grads[1:])
+        return tuple(g if need else None
+                     for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
 
 
 def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
     """The backend contract of :mod:`graphmoe_fused.backends.contract` on the Triton kernels.
 
     Forward: the kernels (router/top-k, fused LoRA-expert gate/up, down, low-rank GRU) per round.
-    Backward: recomputes the forward with the differentiable torch backend, routed to the experts
-    the kernels chose, and returns ``torch.autograd.grad`` of it, for ``x`` and every parameter
-    that requires grad (see the module docstring); ``router_probs`` is a differentiable output.
+    Backward: the torch backend's, from the routing, GRU states and round inputs the kernels
+    computed (see the module docstring), for ``x`` and every parameter that requires grad;
+    ``router_probs`` is a differentiable output.
 
     Args:
         x: ``[M, d]`` round-1 input, fp16/bf16/fp32, on CUDA (CPU only under

@@ -26,9 +26,10 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
   match the reference: ``y`` in x's dtype, ``router_probs`` fp32 (or wider).
 * **Frozen base.** The base projections get no gradient by design; a base weight that
   requires grad while grad mode is on is rejected with an error rather than silently ignored.
-* **Dropout** uses :func:`..dropout.lora_dropout_masks` with the options' seed and the round
-  index, in forward and again in backward, so no ``[M, k, D']`` mask is saved and the
-  masks equal the reference's.
+* **Dropout** draws the masks of :func:`..dropout.lora_dropout_masks` (the counter-based hash
+  of the options' seed, the round, the token and the column), in forward and again in
+  backward, so no ``[M, k, D']`` mask is saved and the masks equal the reference's; the slot
+  masks are drawn directly in the plan's pair layout.
 * **A given routing** (``expert_index``, ``[T, M, k]``) replaces each round's top-k; the
   probabilities are still computed and differentiated, and the weights are the probabilities at
   the given experts, renormalised. The triton backend's backward uses it to recompute with the
@@ -56,7 +57,7 @@ from ..contract import (
     compute_dtype,
     new_empty,
 )
-from ..dropout import apply_dropout, lora_dropout_masks
+from ..dropout import apply_dropout, keep_mask, keep_rows, slot_row_bits, stream_key
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
 from .gru import gru_step, gru_step_backward, prepare_gru
 from .routing import router_probabilities, select_experts
@@ -112,11 +113,13 @@ def _dropout_masks(
 ) -> _Masks | None:
     if opt.dropout_p <= 0:
         return None
-    keep_x, keep_h = lora_dropout_masks(
-        opt.dropout_seed, t, x.shape[0], x.shape[1], opt.top_k, intermediate, opt.dropout_p,
-        x.device,
-    )
-    return _Masks(keep_x, plan.to_pairs(keep_h))
+    keep_x = keep_mask(stream_key(opt.dropout_seed, t, 0), x.shape[0], x.shape[1],
+                       opt.dropout_p, x.device)
+    # The slot masks are drawn straight in the plan's pair layout (the rows' hashes rearranged,
+    # [M, k] values, instead of the [M, k, D'] masks): no stacked mask and no strided or
+    # gathered copy of it; bit for bit lora_dropout_masks' keep_h, rearranged.
+    rows = slot_row_bits(opt.dropout_seed, t, x.shape[0], opt.top_k, x.device)
+    return _Masks(keep_x, keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p))
 
 
 def _lora_input(x_t: torch.Tensor, xc: torch.Tensor, masks: _Masks | None, p: float,
@@ -499,6 +502,13 @@ def _plan_for(x: torch.Tensor, p: GraphMoEParams, cd: torch.dtype,
             f"16-byte-aligned widths {widths}; use 'masked'"
         )
     return expert_plan
+
+
+def backward_static(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions,
+                    cd: torch.dtype) -> _Static:
+    """The non-tensor inputs :func:`rounds_backward` needs, for a forward computed elsewhere
+    (the triton backend's kernels) in compute dtype ``cd``."""
+    return _Static(opt, cd, _plan_for(x, p, cd, None))
 
 
 def graphmoe_torch(
