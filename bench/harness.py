@@ -185,6 +185,13 @@ class DenseSwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def build_mixlora(ctx: BenchContext, num_rounds: int | None = None) -> nn.Module:
+    """The MixLoRA-style peer (bench/peers.py) on the weights every backend gets."""
+    from bench.peers import MixLoRAStyle
+
+    return MixLoRAStyle(build_layer(ctx, "reference", num_rounds)).train()
+
+
 def build_dense(ctx: BenchContext) -> DenseSwiGLU:
     return DenseSwiGLU(build_layer(ctx, "reference", num_rounds=1))
 

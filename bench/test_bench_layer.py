@@ -21,6 +21,7 @@ from bench.harness import (
     backend_skip_reason,
     build_dense,
     build_layer,
+    build_mixlora,
     layer_input,
     module_step,
     run_benchmark,
@@ -28,7 +29,8 @@ from bench.harness import (
     timed_call,
 )
 
-IMPLS = ("dense", *BACKENDS)
+# "mixlora": the peer users would pick instead (bench/peers.py), on the same weights.
+IMPLS = ("dense", "mixlora", *BACKENDS)
 ROUNDS = (1, 2, 3, 4, 5)
 
 
@@ -41,6 +43,9 @@ def test_layer(benchmark: Any, ctx: BenchContext, impl: str, mode: str) -> None:
     if impl == "dense":
         module = build_dense(ctx)
         rounds = 1
+    elif impl == "mixlora":
+        module = build_mixlora(ctx)
+        rounds = ctx.shape.num_rounds
     else:
         skip_unless_backend(impl, ctx.device)
         module = build_layer(ctx, impl)
@@ -84,14 +89,15 @@ def test_paired_ratios(benchmark: Any, ctx: BenchContext) -> None:
     rotating order, and the report takes the median of the per-round ratios. The figures are in
     ``extra_info["paired"]``; the benchmark's own time is the whole loop and means little.
     """
-    impls = ["dense", "reference"] + [
+    impls = ["dense", "reference", "mixlora"] + [
         b for b in BACKENDS if b != "reference" and backend_skip_reason(b, ctx.device) is None
     ]
-    if len(impls) == 2:
+    if len(impls) == 3:
         pytest.skip("no fast backend available to pair with the reference")
     steps = {}
     for impl in impls:
-        module = build_dense(ctx) if impl == "dense" else build_layer(ctx, impl)
+        builders = {"dense": build_dense, "mixlora": build_mixlora}
+        module = builders[impl](ctx) if impl in builders else build_layer(ctx, impl)
         x, grad = layer_input(ctx, requires_grad=True)
         steps[impl] = module_step(ctx, module, x, grad, "fwd_bwd")
     count = 1
@@ -116,9 +122,11 @@ def test_paired_ratios(benchmark: Any, ctx: BenchContext) -> None:
     for impl in impls:
         entry = {"median_s": statistics.median(times[impl]), "rounds": len(times[impl])}
         if impl not in ("dense", "reference"):
-            pairs = zip(times[impl], times["reference"], times["dense"], strict=True)
-            ratios = [(ref / t, t / (t_count * dense)) for t, ref, dense in pairs]
+            pairs = zip(times[impl], times["reference"], times["mixlora"], times["dense"],
+                        strict=True)
+            ratios = [(ref / t, mix / t, t / (t_count * dense)) for t, ref, mix, dense in pairs]
             entry["speedup_vs_reference"] = statistics.median(r[0] for r in ratios)
-            entry["vs_T_dense"] = statistics.median(r[1] for r in ratios)
+            entry["speedup_vs_mixlora"] = statistics.median(r[1] for r in ratios)
+            entry["vs_T_dense"] = statistics.median(r[2] for r in ratios)
         paired[impl] = entry
     benchmark.extra_info["paired"] = paired

@@ -20,12 +20,13 @@ from bench.harness import (
     BenchContext,
     build_dense,
     build_layer,
+    build_mixlora,
     layer_input,
     measure_memory,
     skip_unless_backend,
 )
 
-IMPLS = ("dense", *BACKENDS)
+IMPLS = ("dense", "mixlora", *BACKENDS)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -33,6 +34,9 @@ def test_memory(benchmark: Any, ctx: BenchContext, impl: str) -> None:
     if impl == "dense":
         module: torch.nn.Module = build_dense(ctx)
         rounds = 1
+    elif impl == "mixlora":  # its aux loss is not ours: the layer alone is measured
+        module = build_mixlora(ctx)
+        rounds = ctx.shape.num_rounds
     else:
         skip_unless_backend(impl, ctx.device)
         module = build_layer(ctx, impl)
