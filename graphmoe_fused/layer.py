@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .backends import Backend, get_backend, resolve_backend
+from .backends import get_backend, resolve_backend
 from .backends.contract import GraphMoEParams, RoundOptions, RoutedOutput
 from .config import GraphMoEConfig
 from .load_balancing import expert_selection_counts, load_balancing_loss
@@ -39,30 +39,6 @@ class RoutingEvent(NamedTuple):
 
 
 RoutingHook = Callable[["GraphMoEMLP", RoutingEvent, torch.Tensor], "torch.Tensor | None"]
-
-# Backends torch.compile cannot trace: the Triton backend (its kernels under the CPU interpreter
-# fail in Dynamo's fake-tensor propagation with an unrelated-looking error; its backward
-# recomputes with torch.autograd.grad).
-EAGER_ONLY_BACKENDS = ("triton",)
-
-
-def _refuse_compile(backend: Backend) -> None:
-    """Raises a clear error when ``torch.compile`` traces a layer on an eager-only backend.
-
-    A plain ``raise`` would not do: Dynamo takes an exception raised in traced code as a reason
-    to fall back to eager, where ``is_compiling()`` is false, so nothing would be reported
-    (measured). ``torch._dynamo.exc.UserError`` (a ``RuntimeError``) is passed on to the caller.
-    """
-    if torch.compiler.is_compiling() and any(
-            backend is get_backend(name) for name in EAGER_ONLY_BACKENDS):
-        from torch._dynamo.exc import UserError, UserErrorType
-
-        raise UserError(
-            UserErrorType.INVALID_INPUT,
-            "the 'triton' GraphMoE backend cannot run under torch.compile; use backend='torch' "
-            "(or 'reference') in a compiled model, or leave the model uncompiled",
-        )
-
 
 def is_silu(act: nn.Module | Callable) -> bool:
     if isinstance(act, nn.SiLU):
@@ -216,6 +192,7 @@ class GraphMoEMLP(nn.Module):
             dropout_p=dropout_p,
             dropout_seed=seed,
             recompute_intermediates=cfg.recompute_intermediates,
+            deterministic=cfg.deterministic,
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -257,7 +234,6 @@ class GraphMoEMLP(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
         backend = get_backend(resolve_backend(self.config.backend, x.device, needs_grad))
-        _refuse_compile(backend)
         out = backend(x.reshape(-1, self.hidden_size), self.params(), self.round_options())
 
         mask = self._flat_token_mask(token_mask, out.y)

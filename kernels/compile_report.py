@@ -37,7 +37,8 @@ from typing import Any
 
 from .compile_spec import KernelSpec
 
-DEFAULT_MODULES = ("routing.router_topk", "gru.lowrank_gru", "expert.gate_up", "expert.down")
+DEFAULT_MODULES = ("routing.router_topk", "gru.lowrank_gru", "expert.gate_up", "expert.down",
+                   "expert.backward")
 DEFAULT_ARCHS = (80, 90)
 # Largest shared memory one block may opt into: A100 163 KB, H100 227 KB (CUDA guide, table of
 # compute-capability limits).
@@ -61,16 +62,18 @@ class CompileResult:
     shared_limit: int = 0
     tensor_core_instructions: list[str] = field(default_factory=list)
     expects_tensor_cores: bool = True
+    spill_allowed: int = 0  # the spec's known spill on this architecture (bytes)
     seconds: float = 0.0
     note: str = ""
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        """No error, no spill, shared memory within the limit, tensor cores where expected."""
+        """No error, no spill beyond a known one, shared memory within the limit, tensor cores
+        where expected."""
         return (
             not self.error
-            and self.spill_bytes == 0
+            and 0 <= self.spill_bytes <= self.spill_allowed
             and 0 <= self.shared_bytes <= self.shared_limit
             and (bool(self.tensor_core_instructions) or not self.expects_tensor_cores)
         )
@@ -145,6 +148,7 @@ def compile_one(spec: KernelSpec, config: Any, arch: int) -> CompileResult:
         num_stages=config.num_stages,
         shared_limit=SHARED_LIMIT[arch],
         expects_tensor_cores=spec.tensor_cores,
+        spill_allowed=spec.known_spills.get(arch, 0),
         note=spec.note,
     )
     start = time.perf_counter()
@@ -218,7 +222,9 @@ def format_table(results: Sequence[CompileResult]) -> str:
         rows.append((
             r.kernel, r.config, str(r.num_warps), str(r.num_stages), str(r.arch),
             str(r.registers), str(r.spill_bytes), f"{r.shared_bytes / 1024:.1f}", tc,
-            f"{r.seconds:.1f}", "ok" if r.ok else ("ERROR " + r.error if r.error else "FAIL"),
+            f"{r.seconds:.1f}",
+            ("ok (known spill)" if r.spill_bytes else "ok") if r.ok
+            else ("ERROR " + r.error if r.error else "FAIL"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

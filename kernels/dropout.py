@@ -23,6 +23,11 @@ import triton.language as tl
 
 _M1, _M2, _GOLDEN = 0x7FEB352D, 0x846CA68B, 0x9E3779B9
 _MASK32 = 0xFFFFFFFF
+# The same constants for the jit functions: a compiled kernel may read module globals only when
+# they are constexprs (the interpreter reads any, so only a GPU compile would catch plain ints).
+M1_C: tl.constexpr = tl.constexpr(_M1)
+M2_C: tl.constexpr = tl.constexpr(_M2)
+GOLDEN_C: tl.constexpr = tl.constexpr(_GOLDEN)
 
 
 def _mix32(x: int) -> int:
@@ -54,9 +59,9 @@ def drop_threshold(p: float) -> int:
 def mix32(x):
     """lowbias32 on uint32 (wrap-around multiplies)."""
     x = x ^ (x >> 16)
-    x = x * tl.full((), _M1, tl.uint32)
+    x = x * tl.full((), M1_C, tl.uint32)
     x = x ^ (x >> 15)
-    x = x * tl.full((), _M2, tl.uint32)
+    x = x * tl.full((), M2_C, tl.uint32)
     return x ^ (x >> 16)
 
 
@@ -65,5 +70,5 @@ def keep_mask(key, rows, cols, threshold):
     """``[len(rows), len(cols)]`` bool keep-mask of one stream: ``rows`` token indices,
     ``cols`` column indices (any integer type), ``key``/``threshold`` from the host helpers."""
     row_bits = mix32(key.to(tl.uint32) ^ rows.to(tl.uint32))
-    col_bits = cols.to(tl.uint32) * tl.full((), _GOLDEN, tl.uint32)
+    col_bits = cols.to(tl.uint32) * tl.full((), GOLDEN_C, tl.uint32)
     return mix32(row_bits[:, None] ^ col_bits[None, :]) >= threshold.to(tl.uint32)

@@ -24,7 +24,9 @@ from graphmoe_fused.kernels.compile_report import (
 
 SPECS = collect_specs()
 KERNELS = {"routing.router_topk", "gru.gates", "gru.gates[h=0,cand=x,tanh]", "gru.update",
-           "gru.project", "expert.lora_in", "expert.gate_up", "expert.down"}
+           "gru.project", "expert.lora_in", "expert.gate_up", "expert.down",
+           "expert.backward.project", "expert.backward.dh_base", "expert.backward.gate_up",
+           "expert.backward.dx"}
 REPORT = "graphmoe_fused.kernels.compile_report"
 
 
@@ -63,7 +65,8 @@ def test_kernel_compiles_clean(report, index):
         if r["error"]:
             problems.append(f"{where}: {r['error']}")
             continue
-        if r["spill_bytes"]:
+        # Only a spill the spec declares (with its reason) is tolerated, and only up to its size.
+        if r["spill_bytes"] > spec.known_spills.get(r["arch"], 0):
             problems.append(f"{where}: spills {r['spill_bytes']} B/thread")
         if not 0 < r["shared_bytes"] <= SHARED_LIMIT[r["arch"]]:
             problems.append(f"{where}: shared memory {r['shared_bytes']} B")
@@ -104,6 +107,16 @@ def test_ok_rules():
         assert not CompileResult(**{**asdict(good), **change}).ok
     assert CompileResult(**{**asdict(good), "tensor_core_instructions": [],
                             "expects_tensor_cores": False}).ok
+    known = CompileResult(**{**asdict(good), "spill_bytes": 24, "spill_allowed": 32})
+    assert known.ok and "ok (known spill)" in format_table([known])
+    assert not CompileResult(**{**asdict(known), "spill_bytes": 40}).ok
+
+
+def test_known_spills_are_few_and_explained():
+    # A declared spill is a defect on record, not a licence: each names its reason in the note.
+    declared = [s for s in SPECS if s.known_spills]
+    assert [s.name for s in declared] == ["expert.backward.gate_up"]
+    assert all("spill" in s.note for s in declared)
 
 
 def test_cli_leaves_the_interpreter(report):

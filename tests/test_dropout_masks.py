@@ -8,9 +8,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from graphmoe_fused.kernels import dropout as kernel_side
 
 from graphmoe_fused.backends import dropout as torch_side
-from graphmoe_fused.kernels import dropout as kernel_side
 
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 
@@ -92,3 +92,61 @@ def test_bad_arguments():
         torch_side.drop_threshold(1.0)
     with pytest.raises(ValueError, match="round"):
         torch_side.stream_key(0, 70_000, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast torch path (int32 bit patterns in row chunks) against the definition written plainly
+# on int64 (one hash per element, exact modular products).
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain_keep(row_bits: torch.Tensor, num_cols: int, p: float) -> torch.Tensor:
+    cols = torch.arange(num_cols, dtype=torch.int64)
+    bits = torch_side._mix32(row_bits.reshape(-1)[:, None]
+                             ^ torch_side._mul32(cols, 0x9E3779B9)[None, :])
+    return (bits >= torch_side.drop_threshold(p)).view(*row_bits.shape, num_cols)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.05, 0.5, 0.75, 1 - 2**-33])
+def test_fast_keep_rows_is_the_definition(monkeypatch, p):
+    # Small chunks, so a run spans several with a ragged last one; row hashes with the top bit
+    # set and clear, and the extremes, where a signed-vs-unsigned slip would show.
+    monkeypatch.setattr(torch_side, "_CPU_CHUNK", 3 * 53)
+    g = torch.Generator().manual_seed(1)
+    row_bits = torch.randint(0, 2**32, (7, 5), generator=g, dtype=torch.int64)
+    row_bits[0, :3] = torch.tensor([0, 2**31 - 1, 2**32 - 1])
+    got = torch_side.keep_rows(row_bits, 53, p)
+    assert got.dtype == torch.bool and got.shape == (7, 5, 53)
+    assert torch.equal(got, _plain_keep(row_bits, 53, p))
+    # And element by element with Python integers, for a few of them.
+    for r, c in ((0, 0), (0, 1), (0, 2), (3, 52), (6, 17)):
+        x = (int(row_bits.view(-1)[r]) ^ (c * 0x9E3779B9)) & 0xFFFFFFFF
+        assert bool(got.view(-1, 53)[r, c]) == (kernel_side._mix32(x)
+                                                >= kernel_side.drop_threshold(p))
+
+
+def test_lora_dropout_masks_are_the_definition():
+    seed, round_index, tokens, hidden, top_k, inter, p = 2**33 + 9, 4, 67, 40, 3, 90, 0.2
+    keep_x, keep_h = torch_side.lora_dropout_masks(seed, round_index, tokens, hidden, top_k,
+                                                   inter, p, torch.device("cpu"))
+    rows = torch.arange(tokens, dtype=torch.int64)
+    want_x = _plain_keep(torch_side._mix32(rows ^ torch_side.stream_key(seed, round_index, 0)),
+                         hidden, p)
+    assert torch.equal(keep_x, want_x)
+    assert keep_h.shape == (tokens, top_k, inter)
+    for j in range(top_k):
+        want = torch_side.keep_mask(torch_side.stream_key(seed, round_index, 1 + j), tokens,
+                                    inter, p, torch.device("cpu"))
+        assert torch.equal(keep_h[:, j], want)
+    # Rows in any order (the torch backend's pair layouts): the same masks, rearranged.
+    bits = torch_side.slot_row_bits(seed, round_index, tokens, top_k, torch.device("cpu"))
+    order = torch.randperm(tokens * top_k, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch_side.keep_rows(bits.t(), inter, p), keep_h.transpose(0, 1))
+    assert torch.equal(torch_side.keep_rows(bits.reshape(-1)[order], inter, p),
+                       keep_h.reshape(-1, inter)[order])
+
+
+def test_empty_masks():
+    keep_x, keep_h = torch_side.lora_dropout_masks(1, 0, 0, 8, 2, 12, 0.1, torch.device("cpu"))
+    assert keep_x.shape == (0, 8) and keep_h.shape == (0, 2, 12)
+    assert torch_side.keep_mask(5, 3, 0, 0.1, torch.device("cpu")).shape == (3, 0)

@@ -31,7 +31,10 @@ from graphmoe_fused.kernels.expert import (
     expert_lora_layout,
     padded_rank,
 )
+from graphmoe_fused.kernels.expert import gate_up as gate_up_module
 from graphmoe_fused.kernels.utils import new_output
+
+from graphmoe_fused.backends.dropout import apply_dropout, lora_dropout_masks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -117,8 +120,10 @@ class Problem(NamedTuple):
     lora_B_down: torch.Tensor
     weights: torch.Tensor  # fp32 [M, k]
     index: torch.Tensor  # int64 [M, k]
-    keep_h: torch.Tensor | None
-    dropout_p: float
+    keep_h: torch.Tensor | None  # the torch side's masks, for the oracle only: the kernels
+    dropout_p: float  # hash their own from (dropout_p, dropout_seed, round_index)
+    dropout_seed: int = 0
+    round_index: int = 0
 
     def lora(self) -> ExpertLoRA:
         return expert_lora_layout(self.lora_A_gate, self.lora_B_gate, self.lora_A_up,
@@ -132,10 +137,11 @@ class Problem(NamedTuple):
 
 
 def make_problem(tokens, hidden, inter, experts, rank, top_k, dtype, seed=0, dropout_p=0.0,
-                 index=None) -> Problem:
+                 index=None, dropout_seed=1234, round_index=1) -> Problem:
     """Random weights of moderate scale, every LoRA factor non-zero (B included, so the LoRA
     terms are a large share of every output), distinct experts per token unless ``index`` is
-    given."""
+    given. With dropout, the oracle's masks are the torch backends' (``lora_dropout_masks``),
+    and ``x_lora`` is ``dropout(x)`` made as they make it (in x's dtype)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0):
@@ -145,9 +151,9 @@ def make_problem(tokens, hidden, inter, experts, rank, top_k, dtype, seed=0, dro
     keep_h = None
     x_lora = x
     if dropout_p > 0:
-        keep_x = torch.rand(tokens, hidden, generator=g) >= dropout_p
-        keep_h = (torch.rand(tokens, top_k, inter, generator=g) >= dropout_p).to(DEVICE)
-        x_lora = (x.double() * keep_x.to(DEVICE) / (1 - dropout_p)).to(dtype)
+        keep_x, keep_h = lora_dropout_masks(dropout_seed, round_index, tokens, hidden, top_k,
+                                            inter, dropout_p, x.device)
+        x_lora = apply_dropout(x, keep_x, dropout_p)
     if index is None:
         index = torch.rand(tokens, experts, generator=g).argsort(dim=1)[:, :top_k]
     logits = torch.randn(tokens, index.shape[1], generator=g)
@@ -159,7 +165,7 @@ def make_problem(tokens, hidden, inter, experts, rank, top_k, dtype, seed=0, dro
         randn(experts, rank, hidden, std=hidden ** -0.5), randn(experts, inter, rank, std=0.3),
         randn(experts, rank, hidden, std=hidden ** -0.5), randn(experts, inter, rank, std=0.3),
         randn(experts, rank, inter, std=inter ** -0.5), randn(experts, hidden, rank, std=0.3),
-        weights.to(DEVICE), index.to(DEVICE), keep_h, dropout_p,
+        weights.to(DEVICE), index.to(DEVICE), keep_h, dropout_p, dropout_seed, round_index,
     )
 
 
@@ -202,8 +208,8 @@ def reference(pr: Problem, scaling: float = SCALING):
 def run_both(pr: Problem, configs=None, down_config=None, **kwargs):
     lora = pr.lora()
     out = expert_gate_up(pr.x, pr.gate_weight, pr.up_weight, lora, pr.weights, pr.index, SCALING,
-                         x_lora=pr.x_lora, keep_h=pr.keep_h, dropout_p=pr.dropout_p,
-                         configs=configs, **kwargs)
+                         dropout_p=pr.dropout_p, dropout_seed=pr.dropout_seed,
+                         round_index=pr.round_index, configs=configs, **kwargs)
     y = expert_down(out.h_mix, pr.down_weight, lora, out.a_mix, SCALING, config=down_config)
     return out.h_mix, out.a_mix, y
 
@@ -217,6 +223,13 @@ def check_problem(pr: Problem, dtype: torch.dtype, **kwargs):
     assert_close(a_mix, ref_a, dtype, "a_mix", inter)
     assert_close(y, ref_y, dtype, "y", inter + experts * rank)
     return h_mix, a_mix, y
+
+
+def blocks(m, n, k, group_m, **extra):
+    """A pinned block config (see the pinned-config tests below)."""
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group_m, **extra},
+                         num_warps=4, num_stages=1)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,15 +287,143 @@ def test_expert_no_token_chose_gets_nothing(rank):
     assert a_mix.view(tokens, experts, rank)[:, [0, 1, 3]].abs().amax(-1).gt(0).sum() == 2 * tokens
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_lora_dropout_masks(dtype):
-    pr = make_problem(7, 24, 40, 4, 4, 2, dtype, seed=5, dropout_p=0.25)
+# ---------------------------------------------------------------------------------------------
+# LoRA dropout: the kernels hash the masks in registers; the oracle uses the torch side's
+# lora_dropout_masks. The masks are bit-identical (tests/test_dropout_masks.py), so fp32 outputs
+# agree to fp32 rounding, where one wrong keep bit in a row of D' = 40-50 moves a_mix by ~1/D'
+# of its scale (> 100 times the fp32 bound).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, tokens, experts, rank, top_k, p",
+    [(F32, 7, 4, 4, 2, 0.25), (F32, 21, 4, 3, 3, 0.5), (BF16, 7, 4, 4, 2, 0.25),
+     (F16, 9, 8, 16, 2, 0.1)],
+)
+def test_lora_dropout_masks(dtype, tokens, experts, rank, top_k, p):
+    pr = make_problem(tokens, 24, 40, experts, rank, top_k, dtype, seed=5, dropout_p=p)
     check_problem(pr, dtype)
-    # The masks matter: without them the down-LoRA input differs.
-    plain = pr._replace(keep_h=None, dropout_p=0.0)
-    _, a_plain, _ = run_both(plain)
-    _, ref_a, _ = reference(pr)
-    assert (a_plain.double() - ref_a).abs().max() > 1e-3
+    # The masks matter, each of them: without dropout, in another round, with another seed,
+    # or with the slots' masks swapped, the oracle moves far past the bound.
+    h_mix, a_mix, _ = run_both(pr)
+    for other in (pr._replace(keep_h=None, x_lora=pr.x, dropout_p=0.0),
+                  make_problem(tokens, 24, 40, experts, rank, top_k, dtype, seed=5, dropout_p=p,
+                               round_index=2),
+                  make_problem(tokens, 24, 40, experts, rank, top_k, dtype, seed=5, dropout_p=p,
+                               dropout_seed=99),
+                  pr._replace(keep_h=pr.keep_h.flip(1))):
+        _, ref_a, _ = reference(other)
+        assert (a_mix.double() - ref_a).abs().max() > 1e-2 * ref_a.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_lora_in_applies_the_torch_dropout_exactly(dtype):
+    # The x mask is applied as the tiles load and rounded to x's dtype as the torch side's
+    # dropout(x) is: the kernel multiplies the very operand bits a materialised dropout(x)
+    # would give it, in the same order, so the outputs are the same bits.
+    tokens, hidden, p = 21, 40, 0.3
+    pr = make_problem(tokens, hidden, 16, 3, 5, 2, dtype, seed=8, dropout_p=p)
+    lora = pr.lora()
+    got = expert_lora_in(pr.x, lora, SCALING, dropout_p=p, dropout_seed=pr.dropout_seed,
+                         round_index=pr.round_index)
+    want = expert_lora_in(pr.x_lora, lora, SCALING)
+    assert not got.isnan().any()
+    assert torch.equal(got, want)
+    assert not torch.equal(got, expert_lora_in(pr.x, lora, SCALING))
+
+
+def test_dropout_keys_do_not_reach_the_kernel_signature(monkeypatch):
+    """Triton specialises scalar int arguments on their value (== 1, divisibility by 16, i32 or
+    i64 range): seeds and rounds must change tensor contents only, never a scalar argument
+    or a constexpr, or some seeds would compile the kernels again."""
+    launches = []
+    real = gate_up_module.launch
+
+    def recording(tuned, kernel, grid, args, meta, config=None):
+        launches.append(([a for a in args if not isinstance(a, torch.Tensor)], dict(meta)))
+        return real(tuned, kernel, grid, args, meta, config)
+
+    monkeypatch.setattr(gate_up_module, "launch", recording)
+    seen = []
+    for seed, round_index in ((0, 0), (1, 1), (2**40 + 17, 3), (12345, 16)):
+        launches.clear()
+        pr = make_problem(5, 24, 40, 4, 4, 2, F32, seed=3, dropout_p=0.2, dropout_seed=seed,
+                          round_index=round_index)
+        check_problem(pr, F32)
+        seen.append(list(launches))
+    assert len(seen[0]) == 2 and all(s == seen[0] for s in seen)
+    # The seed is in the keys tensor: different keys, same signature.
+    keys = [gate_up_module.dropout_keys(0.2, seed, 0, 2, torch.device(DEVICE))
+            for seed in (0, 1)]
+    assert keys[0].dtype == torch.int64 and keys[0].shape == (4,)
+    assert keys[0][0] == keys[1][0] and not torch.equal(keys[0][1:], keys[1][1:])
+    assert gate_up_module.dropout_keys(0.0, 5, 0, 2, torch.device(DEVICE)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# deterministic=True: per-D'-tile partials and a fixed-order reduction instead of atomics.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, rank, top_k, index, gate_up",
+    [
+        pytest.param(9, 4, 4, 2, None, None, id="interpreter-config"),
+        # D' = 50 in 32-wide tiles (two, the second partial); rank 3 (padded to 4) over
+        # 16-wide reduction column tiles; a repeated id, one out of range and an expert no
+        # token chose.
+        pytest.param(4, 6, 3, 3, [[1, 1, 0], [7, 2, 4], [4, 0, 2], [0, 2, 1]],
+                     blocks(16, 32, 16, 1, LORA_CHUNK=16), id="repeats-out-of-range"),
+        pytest.param(21, 8, 8, 2, None, blocks(32, 64, 32, 2, LORA_CHUNK=32), id="one-tile"),
+    ],
+)
+def test_deterministic_matches_the_atomic_path(monkeypatch, tokens, experts, rank, top_k,
+                                               index, gate_up):
+    index = None if index is None else torch.tensor(index)
+    pr = make_problem(tokens, 24, 50, experts, rank, top_k, F32, seed=tokens, dropout_p=0.2,
+                      index=index)
+    configs = None if gate_up is None else {"gate_up": gate_up}
+    spaces = []
+    real = gate_up_module.partials_workspace
+
+    def keep(*args):
+        spaces.append(real(*args))
+        return spaces[-1]
+
+    monkeypatch.setattr(gate_up_module, "partials_workspace", keep)
+    # a_mix_out poisoned by hand too: the reduction must write every element.
+    poisoned = torch.full((tokens, experts * rank), float("nan"), device=DEVICE)
+    h_det, a_det, y_det = check_problem(pr, F32, configs=configs, deterministic=True,
+                                        a_mix_out=poisoned)
+    assert a_det.data_ptr() == poisoned.data_ptr()
+    h_again, a_again, _ = run_both(pr, configs=configs, deterministic=True)
+    h_atomic, a_atomic, _ = run_both(pr, configs=configs)
+    assert torch.equal(a_again, a_det) and torch.equal(h_again, h_det)
+    assert torch.equal(h_atomic, h_det)
+    # The same terms summed in another order: fp32 rounding apart (a few ulps of the scale).
+    scale = a_atomic.abs().max().item()
+    torch.testing.assert_close(a_det, a_atomic, rtol=0, atol=1e-6 * scale)
+    # The partials: every element of the tiles the launch used was written (poisoned by
+    # new_output in the tests); they hold each slot's share of a_mix.
+    block_n = 16 if gate_up is None else gate_up.kwargs["BLOCK_N"]
+    used = triton.cdiv(50, block_n)
+    ws = spaces[0]
+    assert ws.shape[1:] == (tokens, top_k * rank) and ws.shape[0] >= used
+    assert not ws[:used].isnan().any()
+    partial = ws[:used].double().sum(0).view(tokens, top_k, rank)
+    valid = (pr.index >= 0) & (pr.index < experts)
+    want = torch.zeros(tokens, experts + 1, rank, dtype=torch.float64)
+    for j in range(top_k):
+        e = torch.where(valid[:, j], pr.index[:, j], experts)
+        want[torch.arange(tokens), e] += partial[:, j]
+    torch.testing.assert_close(want[:, :experts].flatten(1), a_det.double(), rtol=0,
+                               atol=1e-6 * scale)
+
+
+def test_deterministic_zero_tokens():
+    pr = make_problem(0, 24, 40, 4, 4, 2, F32)
+    h_mix, a_mix, _ = run_both(pr, deterministic=True)
+    assert h_mix.shape == (0, 40) and a_mix.shape == (0, 16)
 
 
 def test_repeated_and_out_of_range_expert_ids():
@@ -324,11 +465,6 @@ def test_session_poisons_outputs():
 # Pinned block configs: shapes the single interpreter config (16×16×16, LORA_CHUNK = 16) does not
 # reach.
 # ---------------------------------------------------------------------------------------------
-
-
-def blocks(m, n, k, group_m, **extra):
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group_m, **extra},
-                         num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize(
@@ -433,7 +569,8 @@ def test_validation_errors():
         args = {"x": pr.x, "gate_weight": pr.gate_weight, "up_weight": pr.up_weight,
                 "lora": lora, "expert_weights": pr.weights, "expert_index": pr.index,
                 "scaling": SCALING}
-        kwargs = {k: changes.pop(k) for k in ("keep_h", "dropout_p", "x_lora") if k in changes}
+        kwargs = {k: changes.pop(k) for k in ("dropout_p", "dropout_seed", "round_index",
+                                              "deterministic") if k in changes}
         args.update(changes)
         return expert_gate_up(*args.values(), **kwargs)
 
@@ -454,14 +591,20 @@ def test_validation_errors():
                 expert_weights=torch.ones(4, 5))
     with pytest.raises(TypeError, match="ExpertLoRA"):
         gate_up(lora=tuple(lora))
-    with pytest.raises(ValueError, match="without keep_h"):
-        gate_up(dropout_p=0.1)
-    with pytest.raises(ValueError, match="dropout_p"):
-        gate_up(keep_h=torch.ones(4, 2, 24, dtype=torch.bool))
-    with pytest.raises(TypeError, match="keep_h"):
-        gate_up(keep_h=torch.ones(4, 2, 24), dropout_p=0.1)
-    with pytest.raises(ValueError, match="x_lora has shape"):
-        gate_up(x_lora=pr.x[:3])
+    with pytest.raises(ValueError, match="dropout probability"):
+        gate_up(dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout probability"):
+        gate_up(dropout_p=-0.1)
+    with pytest.raises(TypeError, match="dropout_p"):
+        gate_up(dropout_p=True)
+    with pytest.raises(TypeError, match="dropout_seed"):
+        gate_up(dropout_p=0.1, dropout_seed=1.5)
+    with pytest.raises(ValueError, match="round_index"):
+        gate_up(dropout_p=0.1, round_index=1 << 16)
+    with pytest.raises(TypeError, match="deterministic"):
+        gate_up(deterministic=1)
+    with pytest.raises(ValueError, match="round_index"):
+        expert_lora_in(pr.x, lora, SCALING, dropout_p=0.1, round_index=-1)
     with pytest.raises(TypeError, match="a_mix"):
         expert_down(pr.x.new_zeros(4, 24), pr.down_weight, lora, torch.zeros(4, 16).half(),
                     SCALING)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 from torch import Tensor
 from torch import device as Device
-from torch.compiler import is_compiling
 
 # Note: ``from .torch import`` below rebinds the name ``torch`` in this module to the subpackage,
 # so nothing here refers to the torch library by that name.
@@ -32,13 +31,11 @@ def resolve_backend(name: str, device: Device | str, needs_grad: bool = False) -
     A training step (``needs_grad``) goes to ``torch`` on CUDA too: until the Triton backward
     kernels exist, the triton backend's backward recomputes the forward with the torch backend,
     so a triton training step costs a torch step plus the kernels' forward. CUDA without triton
-    (Windows: no wheels) goes to ``torch`` as well, rather than to an import error, and so does a
-    layer traced by ``torch.compile``, which the triton backend refuses.
+    (Windows: no wheels) goes to ``torch`` as well, rather than to an import error.
     """
     if name == "auto":
         device = Device(device)  # also takes "cuda:0"
-        use_triton = (device.type == "cuda" and not needs_grad and triton_available()
-                      and not is_compiling())
+        use_triton = device.type == "cuda" and not needs_grad and triton_available()
         return "triton" if use_triton else "torch"
     return name
 

@@ -52,8 +52,10 @@ class GraphMoEParams(NamedTuple):
 class RoundOptions:
     """The non-tensor inputs of a GraphMoE forward.
 
-    ``dropout_seed`` fixes the LoRA dropout masks (see ``graphmoe_fused.dropout``): the same
-    seed gives the same masks in every backend and again in a backward that recomputes.
+    ``dropout_seed`` fixes the LoRA dropout masks (see ``graphmoe_fused.backends.dropout``):
+    the same seed gives the same masks in every backend and again in a backward that
+    recomputes. ``deterministic`` asks the Triton kernels for the same bits run to run (fixed-
+    order reductions instead of float atomics); the other backends are deterministic anyway.
     """
 
     top_k: int
@@ -64,6 +66,7 @@ class RoundOptions:
     dropout_p: float = 0.0
     dropout_seed: int = 0
     recompute_intermediates: bool = True
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         # The layer builds these from a validated config, but the backends are public functions
@@ -80,6 +83,10 @@ class RoundOptions:
             raise ValueError(f"RoundOptions.dropout_p={self.dropout_p!r} must be in [0, 1)")
         if isinstance(self.dropout_seed, bool) or not isinstance(self.dropout_seed, int):
             raise ValueError(f"RoundOptions.dropout_seed={self.dropout_seed!r} must be an int")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(
+                f"RoundOptions.deterministic={self.deterministic!r} must be True or False"
+            )
         if self.gru_candidate_input not in GRU_CANDIDATE_INPUTS:
             raise ValueError(
                 f"RoundOptions.gru_candidate_input={self.gru_candidate_input!r} must be one "

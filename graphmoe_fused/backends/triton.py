@@ -9,8 +9,12 @@ Per round ``t`` (docs/design.md §1), four launches plus the small rank-``r`` on
 3. ``expert_down``: ``y = W_D h_mix + c · a_mix B_D^T`` (3 base GEMMs per token per round in all);
 4. ``fused_lowrank_gru``: the GRU state and the next round's input (not after the last round).
 
-LoRA dropout uses the masks of :mod:`.dropout` with the options' seed and the round index: the
-masks are the reference's, and again the same in the backward.
+LoRA dropout: the kernels hash the masks of :func:`.dropout.lora_dropout_masks` (the options'
+seed, the round index, the token, the column) in registers where they apply them, so no mask
+tensor and no ``dropout(x_t)`` is made on this path; the masks are bit for bit the reference's,
+and the backward's. ``RoundOptions.deterministic`` makes the gate/up kernel sum ``a_mix`` over
+its ``D'`` tiles in a fixed order instead of with fp32 atomics, so the forward gives the same
+bits run to run (the next round's routing depends on ``a_mix``).
 
 Training: the backward kernels are a later issue. The forward runs inside a
 ``torch.autograd.Function`` that keeps what the kernels computed and the backward needs: the
@@ -42,9 +46,8 @@ from .contract import (
     check_inputs,
     compute_dtype,
 )
-from .dropout import apply_dropout, lora_dropout_masks
 from .torch import graphmoe_torch
-from .torch import rounds as torch_rounds
+from .triton_ops import run_rounds
 
 
 def triton_available() -> bool:
@@ -92,12 +95,15 @@ def _kernels_cover(p: GraphMoEParams) -> str | None:
 
 class _KernelForward(NamedTuple):
     """What the kernels computed: the backend's outputs, and what the backward needs of the
-    rounds (``T - 1`` each): the GRU states, the non-final outputs and the later inputs."""
+    rounds: the GRU states, the non-final outputs and the later inputs (``T - 1`` each), and
+    every round's routing-weighted down-LoRA input ``a_mix`` (``T``, rank r: the backward
+    kernels take it instead of per-slot activations)."""
 
     routed: RoutedOutput
     states: list[torch.Tensor]  # h_1 .. h_{T-1}
     outputs: list[torch.Tensor]  # y_1 .. y_{T-1}
     inputs: list[torch.Tensor]  # x_2 .. x_T
+    a_mixes: list[torch.Tensor]  # [M, n·r] fp32 per round
 
 
 def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelForward:
@@ -106,8 +112,6 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
     from ..kernels.gru import fused_lowrank_gru
     from ..kernels.routing import fused_router_topk
 
-    num_tokens, hidden = x.shape
-    inter = p.gate_weight.shape[0]
     c = opt.lora_scaling
     # The LoRA factors change every training step but not between rounds: one copy per forward.
     lora = expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up, p.lora_B_up,
@@ -115,25 +119,19 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
     h = None  # the zero state of round 1, which the GRU kernel skips
     x_t = x
     all_probs, all_index = [], []
-    states, outputs, inputs = [], [], []
+    states, outputs, inputs, a_mixes = [], [], [], []
     for t in range(opt.num_rounds):
         probs, weights, experts = fused_router_topk(x_t, p.router_weight, opt.top_k)
         all_probs.append(probs)
         all_index.append(experts)
 
-        x_lora, keep_h, p_drop = x_t, None, 0.0
-        if opt.dropout_p > 0:
-            keep_x, keep_h = lora_dropout_masks(
-                opt.dropout_seed, t, num_tokens, hidden, opt.top_k, inter, opt.dropout_p,
-                x.device,
-            )
-            x_lora = apply_dropout(x_t, keep_x, opt.dropout_p)
-            p_drop = opt.dropout_p
         h_mix, a_mix = expert_gate_up(
             x_t, p.gate_weight, p.up_weight, lora, weights, experts, c,
-            x_lora=x_lora, keep_h=keep_h, dropout_p=p_drop,
+            dropout_p=opt.dropout_p, dropout_seed=opt.dropout_seed, round_index=t,
+            deterministic=opt.deterministic,
         )
         y = expert_down(h_mix, p.down_weight, lora, a_mix, c)
+        a_mixes.append(a_mix)
         if t == opt.num_rounds - 1:
             break
         h, x_t = fused_lowrank_gru(
@@ -144,50 +142,7 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
         outputs.append(y)
         inputs.append(x_t)
     routed = RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
-    return _KernelForward(routed, states, outputs, inputs)
-
-
-class _TritonGraphMoE(torch.autograd.Function):
-    """``(x, opt, *params) -> (y, router_probs, expert_index)``: the kernels' forward, and the
-    backward of the torch backend run from what the kernels computed (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, opt: RoundOptions, *params: torch.Tensor):
-        device_type = x.device.type
-        cd = compute_dtype(x)
-        # Autocast would not reach inside the kernels: the casts are made here, explicitly. A
-        # parameter in another dtype is copied on every call (keep the layer in the compute
-        # dtype to avoid that).
-        p = GraphMoEParams(*(t if t.dtype == cd else t.to(cd) for t in params))
-        with torch.autocast(device_type, enabled=False):
-            fwd = _forward(x.to(cd), p, opt)
-        out = fwd.routed
-        ctx.static = torch_rounds.backward_static(x, GraphMoEParams(*params), opt, cd)
-        ctx.num_rounds = opt.num_rounds
-        # The round inputs in x's dtype, as the torch backend's backward takes them (exact: a
-        # widening cast under autocast, a no-op otherwise).
-        ctx.save_for_backward(x, *params, out.router_probs, out.expert_index, *fwd.states,
-                              *fwd.outputs, *(x_t.to(x.dtype) for x_t in fwd.inputs))
-        ctx.mark_non_differentiable(out.expert_index)
-        return out.y.to(x.dtype), out.router_probs, out.expert_index
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, _grad_index):
-        saved, n = ctx.saved_tensors, ctx.num_rounds - 1
-        x, params = saved[0], GraphMoEParams(*saved[1:16])
-        probs, index = saved[16:18]
-        states, outputs, inputs = saved[18:18 + n], saved[18 + n:18 + 2 * n], saved[18 + 2 * n:]
-        # The forward's routing, states and round inputs: nothing is routed or run again but
-        # each round's D'-wide activations, which the torch backward recomputes from x_t.
-        grads = torch_rounds.rounds_backward(
-            x, params, ctx.static, probs, index, states, outputs, grad_y, grad_probs,
-            ctx.needs_input_grad[0], inputs=(x, *inputs),
-        )
-        # (x, opt, gate, up, down, router, six LoRA factors, five GRU tensors)
-        grads_out = (grads[0], None, None, None, None, *grads[1:])
-        return tuple(g if need else None
-                     for g, need in zip(grads_out, ctx.needs_input_grad, strict=True))
+    return _KernelForward(routed, states, outputs, inputs, a_mixes)
 
 
 def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
@@ -228,5 +183,10 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
         warnings.warn(f"triton backend: {reason}; running the torch backend instead",
                       stacklevel=2)
         return graphmoe_torch(x, p, opt)
-    y, probs, index = _TritonGraphMoE.apply(x, opt, *p)
-    return RoutedOutput(y, probs, index)
+    # Autocast would not reach inside the kernels: the casts are made here, explicitly, where
+    # autograd casts the gradients back. A parameter in another dtype is copied on every call
+    # (keep the layer in the compute dtype to avoid that).
+    params = GraphMoEParams(*(t if t.dtype == cd else t.to(cd) for t in p))
+    with torch.autocast(x.device.type, enabled=False):
+        out = run_rounds(x.to(cd), params, opt)
+    return RoutedOutput(out.y.to(x.dtype), out.router_probs, out.expert_index)

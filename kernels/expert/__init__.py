@@ -1,5 +1,7 @@
-"""Grouped top-k LoRA-expert SwiGLU: the LoRA layout, the gate/up side and the down side."""
+"""Grouped top-k LoRA-expert SwiGLU: the LoRA layout, the gate/up side, the down side and the
+backward of a round."""
 
+from .backward import ExpertBackward, expert_round_backward
 from .down import expert_down
 from .gate_up import GateUpOutput, expert_gate_up, expert_lora_in
 from .layout import (
@@ -11,6 +13,7 @@ from .layout import (
 )
 
 __all__ = [
+    "ExpertBackward",
     "MAX_MASKED_DENSE_COLS",
     "ExpertLoRA",
     "GateUpOutput",
@@ -18,6 +21,7 @@ __all__ = [
     "expert_gate_up",
     "expert_lora_in",
     "expert_lora_layout",
+    "expert_round_backward",
     "masked_dense_supported",
     "padded_rank",
 ]

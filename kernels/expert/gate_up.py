@@ -2,7 +2,7 @@
 
 For token ``m`` with chosen experts ``e_j`` and renormalised weights ``w_j`` (``j < k``)::
 
-    gate_j = W_G x + c · B_G[e_j] (A_G[e_j] x_lora)       up_j likewise
+    gate_j = W_G x + c · B_G[e_j] (A_G[e_j] dropout(x))   up_j likewise
     h_j    = silu(gate_j) · up_j
     h_mix  = Σ_j w_j h_j                                   (written: [M, D'], x's dtype)
     a_mix[m, e_j·r : e_j·r + r] += w_j · A_D[e_j] · dropout(h_j)   (written: [M, n·r], fp32)
@@ -13,9 +13,9 @@ out as the down kernel's masked-dense operand (each token's row holds its expert
 down-LoRA inputs in their experts' blocks, zeros elsewhere), so there the LoRA is just extra
 K-steps of the base GEMM.
 
-Two launches:
+Two launches (three with ``deterministic=True``):
 
-1. ``_lora_in_kernel``: ``a_gu = c · x_lora · [A_G; A_U]^T`` for *all* ``n`` experts
+1. ``_lora_in_kernel``: ``a_gu = c · dropout(x) · [A_G; A_U]^T`` for *all* ``n`` experts
    (``[M, 2·n·R]``, fp32 accumulation, stored in x's dtype: the rounding it gets anyway as a
    tensor-core operand). That is ``n/k`` times the FLOPs of gathering only the chosen experts, but
    it is a plain dense GEMM (no gather, no sort), and at LLaMA-3-8B shapes it is < 1 % of the base
@@ -38,6 +38,16 @@ Two launches:
    only to fp32 rounding. Both masked-dense products walk the ``n·R`` columns in chunks of whole
    expert blocks (``LORA_CHUNK`` columns, or ``R`` if larger), so the epilogue's register
    footprint does not grow with ``n·r``.
+3. ``deterministic=True`` only: the gate/up kernel stores each tile's ``[BLOCK_M, r]`` slot
+   partials in a ``[D'/BLOCK_N, M, k·r]`` fp32 workspace instead, and ``_a_mix_reduce_kernel``
+   sums them into ``a_mix`` in tile order: the same bits every run (round t+1's routing reads
+   them), for the workspace's memory and traffic.
+
+LoRA dropout (training): the keep-masks are a counter-based hash of (seed, round, stream, token,
+column) (``kernels/dropout.py``, bit for bit the torch backends' ``lora_dropout_masks``), hashed
+in registers where they apply: stream 0 on the ``x`` tiles as ``_lora_in_kernel`` loads them,
+stream ``1 + j`` on slot ``j``'s ``h_j`` in the epilogue. No mask tensor and no ``dropout(x)``
+exist in memory (at LLaMA-3-8B shapes the ``[M, k, D']`` mask was ~0.23 GB read per round).
 
 The masked dense products cost ``n·r`` instead of ``r`` MACs per slot and output element: cheap
 while ``n·r`` is small (9 % of the base gate/up work at n·r = 128, k = 2, d = 4096). Past
@@ -56,6 +66,7 @@ import triton
 import triton.language as tl
 
 from ..compile_spec import KernelSpec
+from ..dropout import drop_threshold, keep_mask, stream_key
 from ..utils import (
     INTERPRET,
     INTERPRET_CONFIG,
@@ -72,12 +83,16 @@ from ..utils import (
     load_tile,
     load_tile_t,
     mma,
+    new_output,
     on_device_of,
     output_buffer,
     pinned_configs,
     prune_small_m,
+    row_major_tile,
     store_rounded,
     tile_grid,
+    tile_ids,
+    tile_offsets,
     token_bucket,
     unit_stride_rows,
 )
@@ -112,23 +127,42 @@ def _lora_in_prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _lora_in_kernel(
-    x_ptr, a_ptr, out_ptr,
+    x_ptr, a_ptr, out_ptr, keys_ptr,
     M, N, K,
     stride_xm,
-    scaling,
+    scaling, dropout_scale,
     M_BUCKET,
-    INTERP_BF16: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     rows, row_ok, cols, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = dot_k(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, rows, row_ok, stride_xm,
-                a_ptr, cols.to(tl.int64), col_ok, K, K, K, BLOCK_K, INTERP_BF16)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_DROPOUT:
+        # dropout(x) made as each x tile arrives: the keep bits of stream 0 (the round input's)
+        # are hashed from (token, column) in registers, so x_lora never exists in memory.
+        threshold = tl.load(keys_ptr)
+        key = tl.load(keys_ptr + 1)
+        w_rows = cols.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            a = load_tile(x_ptr, rows, row_ok, stride_xm, k, K)
+            keep = keep_mask(key, rows, k, threshold)
+            # Rounded to x's dtype, as the torch side's x · keep · 1/(1-p) is: the same
+            # operand bits as a materialised dropout(x) would give.
+            a = cast_rne(tl.where(keep, a.to(tl.float32) * dropout_scale, 0.0), DTYPE,
+                         INTERP_BF16)
+            acc = mma(a, load_tile_t(a_ptr, w_rows, col_ok, K, k, K), acc, INTERP_BF16)
+    else:
+        acc = dot_k(acc, x_ptr, rows, row_ok, stride_xm, a_ptr, cols.to(tl.int64), col_ok, K, K,
+                    K, BLOCK_K, INTERP_BF16)
     store_rounded(out_ptr, acc * scaling, rows, row_ok, N, cols, col_ok, INTERP_BF16)
 
 
 _lora_in_tuned = triton.autotune(
     configs=LORA_IN_CONFIGS,
-    key=["M_BUCKET", "N", "K"],
+    key=["M_BUCKET", "N", "K", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _lora_in_prune},
 )(_lora_in_kernel)
 
@@ -157,14 +191,14 @@ GATE_UP_CONFIGS = (
 
 @triton.jit
 def _expert_gate_up_kernel(
-    x_ptr, wg_ptr, wu_ptr, a_gu_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keep_ptr,
-    hmix_ptr, a_mix_ptr,
+    x_ptr, wg_ptr, wu_ptr, a_gu_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
+    hmix_ptr, a_mix_ptr, ws_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_hm,
     dropout_scale,
     M_BUCKET,
     RANK: tl.constexpr, R_PAD: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LORA_CHUNK: tl.constexpr,
 ):
@@ -175,9 +209,11 @@ def _expert_gate_up_kernel(
     # the epilogue spills on sm_80.
     CH: tl.constexpr = LORA_CHUNK + (R_PAD - LORA_CHUNK) * (R_PAD > LORA_CHUNK)
     EPC: tl.constexpr = CH // R_PAD
-    # Token-row offsets (int64 from grouped_tile) reach M·k·D' (the keep mask) and M·D': past
-    # 2^31 at LLaMA sizes; the columns join them in 64-bit address arithmetic.
-    rows, mask_m, offs_n, mask_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # Token-row offsets (int64 from tile_offsets) reach M·D': past 2^31 at LLaMA sizes; the
+    # columns join them in 64-bit address arithmetic. pid_n indexes the deterministic path's
+    # per-tile partials.
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, mask_m, offs_n, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     cols = offs_n.to(tl.int64)
 
     # ---- base products: each x tile loaded once for both W_G and W_U -------------------------
@@ -224,8 +260,10 @@ def _expert_gate_up_kernel(
         h = gate * tl.sigmoid(gate) * up
         hmix += w_j[:, None] * h
         if HAS_DROPOUT:
-            keep = load_tile(keep_ptr, rows * TOP_K + j, mask_m, N, cols, N)
-            h = tl.where(keep != 0, h * dropout_scale, 0.0)
+            # Slot j's keep bits (stream 1 + j) hashed from (token, column) in registers: no
+            # [M, k, D'] mask is read (keys_ptr: threshold, stream 0's key, then the slots').
+            keep = keep_mask(tl.load(keys_ptr + 2 + j), rows, cols, tl.load(keys_ptr))
+            h = tl.where(keep, h * dropout_scale, 0.0)
         h = cast_rne(h, DTYPE, INTERP_BF16)
         # A_D[e] · h_j over this program's D' slice for every expert e, chunk by chunk; only block
         # e_j is kept (reshaped out of its chunk), so one [BLOCK_M, R] atomic per slot sums the
@@ -240,21 +278,71 @@ def _expert_gate_up_kernel(
             chunk_exp = c0 // R_PAD + tl.arange(0, EPC)
             part = tl.where(chunk_exp[None, :, None] == e_j[:, None, None], part, 0.0)
             a_j += tl.sum(part, axis=1)
-        tl.atomic_add(a_mix_ptr + rows[:, None] * (NUM_EXPERTS * RANK)
-                      + (tl.maximum(e_j, 0) * RANK)[:, None] + ri[None, :],
-                      a_j * w_j[:, None], mask=(e_j >= 0)[:, None] & (ri < RANK)[None, :],
-                      sem="relaxed")
+        if DETERMINISTIC:
+            # This tile's own partial of slot j, [M, k·r] per D' tile: plain stores of every
+            # row and slot (zeros for an id outside [0, n)), summed in a fixed order by
+            # _a_mix_reduce_kernel. No float atomics, so a_mix is the same bits every run.
+            tl.store(ws_ptr + pid_n.to(tl.int64) * M * (TOP_K * RANK)
+                     + rows[:, None] * (TOP_K * RANK) + j * RANK + ri[None, :],
+                     a_j * w_j[:, None], mask=mask_m[:, None] & (ri < RANK)[None, :])
+        else:
+            tl.atomic_add(a_mix_ptr + rows[:, None] * (NUM_EXPERTS * RANK)
+                          + (tl.maximum(e_j, 0) * RANK)[:, None] + ri[None, :],
+                          a_j * w_j[:, None], mask=(e_j >= 0)[:, None] & (ri < RANK)[None, :],
+                          sem="relaxed")
 
     store_rounded(hmix_ptr, hmix, rows, mask_m, stride_hm, cols, mask_n, INTERP_BF16)
 
 
 _expert_gate_up_tuned = triton.autotune(
     configs=GATE_UP_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT", "DETERMINISTIC"],
     prune_configs_by={"early_config_prune": prune_small_m},
     # Benchmarking launches the kernel repeatedly; the atomics must start from zero each time.
+    # (The deterministic path does not read a_mix: its reduction overwrites it afterwards.)
     reset_to_zero=["a_mix_ptr"],
 )(_expert_gate_up_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Deterministic a_mix: the per-D'-tile partials summed in a fixed order.
+# ---------------------------------------------------------------------------------------------
+
+# A read of ~num_tiles · k·r floats per token, written once as n·r: memory-bound and small next
+# to the gate/up kernel; one config, no tuning (nothing here multiplies matrices).
+_REDUCE_GPU = triton.Config({"BLOCK_M": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1)
+REDUCE_CONFIG = (triton.Config({"BLOCK_M": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)
+                 if INTERPRET else _REDUCE_GPU)
+
+
+@triton.jit
+def _a_mix_reduce_kernel(
+    ws_ptr, idx_ptr, a_mix_ptr,
+    M, NUM_TILES,
+    RANK: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``a_mix[m, e·r + i] = Σ_j [e_j = e] Σ_t ws[t, m, j, i]``, every element written (zeros
+    in the blocks of experts the token did not choose), tiles summed in order 0, 1, ..."""
+    NR: tl.constexpr = NUM_EXPERTS * RANK
+    rows, row_ok, cols, col_ok = row_major_tile(M, NR, BLOCK_M, BLOCK_C)
+    col_expert = cols // RANK
+    col_rank = cols % RANK
+    row_stride: tl.constexpr = TOP_K * RANK
+    tile_stride = M * row_stride  # one tile's M·k·r partials: < 2^31, added to the pointers
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
+        # Only block e_j of the row is read; an id outside [0, n) matches no block.
+        take = (row_ok[:, None] & col_ok[None, :]) & (col_expert[None, :] == e_j[:, None])
+        ptrs = ws_ptr + rows[:, None] * row_stride + j * RANK + col_rank[None, :]
+        part = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for _ in range(0, NUM_TILES):
+            part += tl.load(ptrs, mask=take, other=0.0)
+            ptrs += tile_stride
+        acc += part
+    tl.store(a_mix_ptr + rows[:, None] * NR + cols[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,29 +350,70 @@ _expert_gate_up_tuned = triton.autotune(
 # ---------------------------------------------------------------------------------------------
 
 
+def dropout_keys(dropout_p: float, dropout_seed: int, round_index: int, top_k: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """What the kernels hash their dropout masks with, as an int64 tensor on ``device``:
+    ``[threshold, key of stream 0 (x_t), key of stream 1 (slot 0), ..., stream k]``, or
+    ``None`` without dropout (``kernels.dropout``: the same masks as the torch backends').
+
+    A tensor rather than scalar arguments: Triton specialises an int argument on its value
+    (``== 1``, divisibility by 16, i32 or i64 range), so a key or threshold passed as a scalar
+    would compile the kernels again for some seeds. The tensor's contents never reach a
+    signature; its H2D copy is a few bytes per round.
+    """
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a number, got {type(dropout_p).__name__}")
+    for name, value in (("dropout_seed", dropout_seed), ("round_index", round_index)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    threshold = drop_threshold(dropout_p)  # ValueError outside [0, 1)
+    if not 0 <= round_index < 1 << 16:
+        raise ValueError(f"round_index={round_index} must be in [0, 65536)")
+    if dropout_p == 0:
+        return None
+    values = [threshold] + [stream_key(dropout_seed, round_index, s) for s in range(1 + top_k)]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 def _launch_lora_in(x_lora: torch.Tensor, a_in: torch.Tensor, out: torch.Tensor,
-                    scaling: float, config: triton.Config | None = None) -> None:
+                    scaling: float, keys: torch.Tensor | None, dropout_scale: float,
+                    config: triton.Config | None = None) -> None:
     num_tokens, hidden = x_lora.shape
     width = out.shape[1]
     launch(
         _lora_in_tuned, _lora_in_kernel, tile_grid(num_tokens, width, "BLOCK_N"),
-        (x_lora, a_in, out, num_tokens, width, hidden, x_lora.stride(0), float(scaling),
+        (x_lora, a_in, out, keys if keys is not None else out,  # never read without dropout
+         num_tokens, width, hidden, x_lora.stride(0), float(scaling), float(dropout_scale),
          token_bucket(num_tokens)),
-        {"INTERP_BF16": interpreter_bf16(x_lora.dtype)},
+        {"HAS_DROPOUT": keys is not None, "INTERP_BF16": interpreter_bf16(x_lora.dtype)},
         config,
     )
 
 
-def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, index, keep,
-                    h_mix, a_mix, dropout_scale, config: triton.Config | None = None) -> None:
+def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, index, keys,
+                    h_mix, a_mix, workspace, dropout_scale,
+                    config: triton.Config | None = None) -> int:
+    """Launches the fused kernel; returns the ``BLOCK_N`` it ran with (the deterministic
+    path's reduction needs the number of ``D'`` tiles)."""
     num_tokens, hidden = x.shape
     inter = gate_weight.shape[0]
+    tiles = tile_grid(num_tokens, inter, "BLOCK_N")
+    used: dict[str, int] = {}
+
+    def grid(meta):
+        # Every launch evaluates the grid, the autotuner's benchmarking runs before the final
+        # one: the last BLOCK_N seen is the one the outputs come from (kept per call, where the
+        # autotuner's best_config is shared by all callers).
+        used["BLOCK_N"] = meta["BLOCK_N"]
+        return tiles(meta)
+
     launch(
-        _expert_gate_up_tuned, _expert_gate_up_kernel, tile_grid(num_tokens, inter, "BLOCK_N"),
+        _expert_gate_up_tuned, _expert_gate_up_kernel, grid,
         (
             x, gate_weight, up_weight, a_gu, lora.b_gate, lora.b_up, lora.a_down, weights, index,
-            keep if keep is not None else a_gu,  # never read without HAS_DROPOUT
+            keys if keys is not None else a_mix,  # never read without dropout
             h_mix, a_mix,
+            workspace if workspace is not None else a_mix,  # written only when deterministic
             num_tokens, inter, hidden,
             x.stride(0), gate_weight.stride(0), up_weight.stride(0), h_mix.stride(0),
             float(dropout_scale),
@@ -292,29 +421,59 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
         ),
         {
             "RANK": lora.rank, "R_PAD": padded_rank(lora.rank), "NUM_EXPERTS": lora.num_experts,
-            "TOP_K": index.shape[1], "HAS_DROPOUT": keep is not None,
-            "INTERP_BF16": interpreter_bf16(x.dtype),
+            "TOP_K": index.shape[1], "HAS_DROPOUT": keys is not None,
+            "DETERMINISTIC": workspace is not None, "INTERP_BF16": interpreter_bf16(x.dtype),
         },
         config,
     )
+    return used["BLOCK_N"]
+
+
+def _launch_reduce(workspace: torch.Tensor, index: torch.Tensor, a_mix: torch.Tensor,
+                   num_tiles: int, lora: ExpertLoRA) -> None:
+    num_tokens, top_k = index.shape
+    width = a_mix.shape[1]
+    launch(
+        None, _a_mix_reduce_kernel, tile_grid(num_tokens, width, "BLOCK_C"),
+        (workspace, index, a_mix, num_tokens, num_tiles),
+        {"RANK": lora.rank, "NUM_EXPERTS": lora.num_experts, "TOP_K": top_k},
+        REDUCE_CONFIG,
+    )
+
+
+def partials_workspace(num_tiles: int, num_tokens: int, width: int,
+                       device: torch.device) -> torch.Tensor:
+    """The deterministic path's ``[num_tiles, M, k·r]`` fp32 partials (NaN-poisoned in the
+    tests, like every kernel output; a module function so a test can look at it)."""
+    return new_output((num_tiles, num_tokens, width), torch.float32, device)
 
 
 # ---------------------------------------------------------------------------------------------
 # The public functions.
 # ---------------------------------------------------------------------------------------------
 
+def _dropout_scale(keys: torch.Tensor | None, dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p) if keys is not None else 1.0
+
+
 @on_device_of("x_lora")
 def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
+                   dropout_p: float = 0.0, dropout_seed: int = 0, round_index: int = 0,
                    out: torch.Tensor | None = None,
                    config: triton.Config | None = None) -> torch.Tensor:
-    """Scaled rank-``r`` inputs of every expert's gate and up LoRA: ``c · x_lora · A^T``.
+    """Scaled rank-``r`` inputs of every expert's gate and up LoRA: ``c · dropout(x) · A^T``.
     Runs on ``x_lora``'s device.
 
     Args:
-        x_lora: ``[M, d]`` the LoRA input (``dropout(x)`` in training, ``x`` otherwise),
+        x_lora: ``[M, d]`` the gate/up LoRA's input *before* dropout (the round input ``x_t``),
             fp16/bf16/fp32.
         lora: the experts' factors from :func:`expert_lora_layout`, ``x_lora``'s dtype.
         scaling: ``c = lora_alpha / r``, folded in here so the gate/up kernel need not.
+        dropout_p, dropout_seed, round_index: LoRA dropout. With ``dropout_p > 0`` the input is
+            ``x_lora · keep / (1 − p)``, rounded to ``x_lora``'s dtype, with ``keep`` the
+            round's stream-0 mask of ``kernels.dropout`` (bit for bit
+            ``graphmoe_fused.backends.dropout.lora_dropout_masks(seed, round, ...)[0]``),
+            evaluated as the tiles are loaded: no mask and no ``dropout(x)`` in memory.
         out: optional contiguous ``[M, 2·n·R]`` buffer of ``x_lora``'s dtype (``R``: the rank
             rounded up to a power of two).
         config: pins the block shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``)
@@ -322,12 +481,23 @@ def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
             not.
     Returns:
         ``[M, 2·n·R]`` in ``x_lora``'s dtype (accumulated in fp32): column ``e·R + i`` is
-        ``c · A_G[e, i] · x_lora``, column ``n·R + e·R + i`` the same for ``A_U``; padded ranks
-        are zero.
+        ``c · A_G[e, i] · dropout(x_lora)``, column ``n·R + e·R + i`` the same for ``A_U``;
+        padded ranks are zero.
     Raises:
-        TypeError / ValueError: on a dtype, shape or device mismatch.
+        TypeError / ValueError: on a dtype, shape or device mismatch, or dropout arguments out
+        of range (``0 <= dropout_p < 1``, ``0 <= round_index < 65536``).
     """
-    num_tokens, hidden = check_activation("x_lora", x_lora)
+    check_activation("x_lora", x_lora)
+    keys = dropout_keys(dropout_p, dropout_seed, round_index, 0, x_lora.device)
+    return _lora_in(x_lora, lora, scaling, keys, _dropout_scale(keys, dropout_p), out, config)
+
+
+def _lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float,
+             keys: torch.Tensor | None, dropout_scale: float, out: torch.Tensor | None,
+             config: triton.Config | None) -> torch.Tensor:
+    """:func:`expert_lora_in` once ``x_lora`` is checked and the dropout keys are made (the
+    gate/up function shares its keys tensor with its own launch)."""
+    num_tokens, hidden = x_lora.shape
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora must be an ExpertLoRA, got {type(lora).__name__}")
     n, padded = lora.num_experts, padded_rank(lora.rank)
@@ -335,7 +505,8 @@ def expert_lora_in(x_lora: torch.Tensor, lora: ExpertLoRA, scaling: float, *,
     out = output_buffer("out", out, (num_tokens, 2 * n * padded), x_lora, x_lora.dtype,
                         contiguous=True)
     if num_tokens > 0:
-        _launch_lora_in(unit_stride_rows(x_lora), lora.a_in.contiguous(), out, scaling, config)
+        _launch_lora_in(unit_stride_rows(x_lora), lora.a_in.contiguous(), out, scaling, keys,
+                        dropout_scale, config)
     return out
 
 
@@ -356,9 +527,10 @@ def expert_gate_up(
     expert_index: torch.Tensor,
     scaling: float,
     *,
-    x_lora: torch.Tensor | None = None,
-    keep_h: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    round_index: int = 0,
+    deterministic: bool = False,
     out: torch.Tensor | None = None,
     a_mix_out: torch.Tensor | None = None,
     configs: dict[str, triton.Config] | None = None,
@@ -368,14 +540,18 @@ def expert_gate_up(
     Per token ``m`` and slot ``j`` (expert ``e_j = expert_index[m, j]``, weight
     ``w_j = expert_weights[m, j]``)::
 
-        gate_j = W_G x + c · B_G[e_j] A_G[e_j] x_lora,  up_j likewise,  h_j = silu(gate_j) · up_j
+        gate_j = W_G x + c · B_G[e_j] A_G[e_j] dropout(x),  up_j likewise,
+        h_j = silu(gate_j) · up_j
         h_mix[m] = Σ_j w_j h_j
         a_mix[m, e·r + i] = Σ_{j: e_j = e} w_j · (A_D[e] · dropout(h_j))[i]   (0 for other e)
 
-    where ``dropout(h_j) = h_j ⊙ keep_h[m, j] / (1 − p)``, or ``h_j`` without ``keep_h``.
+    where ``dropout(t) = t ⊙ keep / (1 − p)`` with the keep-masks of
+    ``graphmoe_fused.backends.dropout.lora_dropout_masks(dropout_seed, round_index, ...)``
+    (stream 0 for ``x``, stream ``1 + j`` for slot ``j``), bit for bit, hashed in registers
+    where the kernels need them: no mask tensor exists; without dropout ``dropout(t) = t``.
     Accumulation is fp32 throughout and the ``k`` separate ``h_j`` never reach memory. Two
-    launches: :func:`expert_lora_in` for the rank-``r`` inputs, then the fused kernel. Runs on
-    ``x``'s device.
+    launches (three when ``deterministic``): :func:`expert_lora_in` for the rank-``r`` inputs,
+    then the fused kernel. Runs on ``x``'s device.
 
     Args:
         x: ``[M, d]`` round input, fp16/bf16/fp32 (CUDA, or CPU under ``TRITON_INTERPRET=1``).
@@ -386,12 +562,20 @@ def expert_gate_up(
             (that would synchronise with the device): an id outside ``[0, n)`` adds no LoRA term.
             Repeated ids within a token are fine.
         scaling: ``c = lora_alpha / r``.
-        x_lora: the gate/up LoRA input (``dropout(x)``, drawn by the caller); defaults to ``x``.
-        keep_h: optional ``[M, k, D']`` bool/uint8 keep-mask of the down LoRA's input; requires
-            ``0 < dropout_p < 1``.
-        dropout_p: the probability ``keep_h`` was drawn with.
+        dropout_p: LoRA dropout probability in ``[0, 1)``; 0 (the default) is no dropout.
+        dropout_seed: the forward's dropout seed (any int; ``RoundOptions.dropout_seed``).
+        round_index: the round ``t`` in ``[0, 65536)``: each round draws its own masks.
+        deterministic: ``False``: the ``D'`` tiles add their parts of ``a_mix`` with fp32
+            atomics, whose order (and so the last bits of ``a_mix``, and through the next
+            round's routing possibly more) varies run to run. ``True``: each tile writes its
+            partial to a ``[num_tiles, M, k·r]`` fp32 workspace and a third launch sums them in a
+            fixed order: the same bits every run for a given block config (autotuning picks the
+            config per process; pin ``configs`` for bit-identity across processes). Costs the
+            workspace (``cdiv(D', min BLOCK_N)·M·k·r`` floats, freed on return) and its
+            traffic.
         out: optional ``[M, D']`` buffer (``x``'s dtype, unit column stride) for ``h_mix``.
-        a_mix_out: optional contiguous ``[M, n·r]`` fp32 buffer for ``a_mix`` (zeroed here).
+        a_mix_out: optional contiguous ``[M, n·r]`` fp32 buffer for ``a_mix`` (every element
+            is written).
         configs: pins the block shapes of the two launches instead of autotuning them, so
             tests reach shapes the single interpreter config does not: ``"lora_in"`` (see
             :func:`expert_lora_in`) and ``"gate_up"`` (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
@@ -400,8 +584,9 @@ def expert_gate_up(
     Returns:
         ``GateUpOutput(h_mix, a_mix)``.
     Raises:
-        TypeError / ValueError: on a dtype, shape or device mismatch, and ``ValueError`` when
-        ``n·r`` is past the masked-dense limit ``MAX_MASKED_DENSE_COLS``.
+        TypeError / ValueError: on a dtype, shape or device mismatch, dropout arguments out of
+        range, and ``ValueError`` when ``n·r`` is past the masked-dense limit
+        ``MAX_MASKED_DENSE_COLS``.
     """
     configs = pinned_configs(configs, ("lora_in", "gate_up"))
     num_tokens, hidden = check_activation("x", x)
@@ -411,37 +596,36 @@ def expert_gate_up(
     check_like("up_weight", up_weight, (inter, hidden), x, dt)
     check_layout(lora, x, hidden, inter)
     top_k = check_routing(expert_weights, expert_index, x, lora.num_experts)
-    if x_lora is None:
-        x_lora = x
-    else:
-        check_like("x_lora", x_lora, (num_tokens, hidden), x, dt)
-    keep = None
-    dropout_scale = 1.0
-    if keep_h is not None:
-        check_like("keep_h", keep_h, (num_tokens, top_k, inter), x)
-        if keep_h.dtype not in (torch.bool, torch.uint8):
-            raise TypeError(f"keep_h must be bool or uint8, got {keep_h.dtype}")
-        if not 0.0 < dropout_p < 1.0:
-            raise ValueError(f"keep_h given with dropout_p={dropout_p}; need 0 < dropout_p < 1")
-        # bool and uint8 share a byte layout; the view avoids Triton's i1 pointer handling.
-        keep = keep_h.contiguous().view(torch.uint8)
-        dropout_scale = 1.0 / (1.0 - dropout_p)
-    elif dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p} given without keep_h")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    keys = dropout_keys(dropout_p, dropout_seed, round_index, top_k, x.device)
+    dropout_scale = _dropout_scale(keys, dropout_p)
 
     out = output_buffer("out", out, (num_tokens, inter), x, dt)
-    # The atomics add into a_mix: it starts from zero, whoever allocated it.
     a_mix = output_buffer("a_mix_out", a_mix_out, (num_tokens, lora.num_experts * lora.rank),
-                          x, torch.float32, contiguous=True).zero_()
+                          x, torch.float32, contiguous=True)
     if num_tokens == 0:
         return GateUpOutput(out, a_mix)
 
-    a_gu = expert_lora_in(x_lora, lora, scaling, config=configs.get("lora_in"))
-    _launch_gate_up(
+    workspace = None
+    if deterministic:
+        # Sized for the narrowest column tile the launch may pick (autotuning picks it inside
+        # the launch); only the first cdiv(D', BLOCK_N) tiles are written and read.
+        pinned = configs.get("gate_up")
+        block_n = min(c.kwargs["BLOCK_N"] for c in ([pinned] if pinned else GATE_UP_CONFIGS))
+        workspace = partials_workspace(triton.cdiv(inter, block_n), num_tokens,
+                                       top_k * lora.rank, x.device)
+    else:
+        a_mix.zero_()  # the atomics add into it, whoever allocated it
+    a_gu = _lora_in(x, lora, scaling, keys, dropout_scale, None, configs.get("lora_in"))
+    index = expert_index.contiguous()
+    block_n = _launch_gate_up(
         unit_stride_rows(x), unit_stride_rows(gate_weight), unit_stride_rows(up_weight), a_gu,
-        lora, expert_weights.to(torch.float32).contiguous(), expert_index.contiguous(), keep,
-        out, a_mix, dropout_scale, configs.get("gate_up"),
+        lora, expert_weights.to(torch.float32).contiguous(), index, keys,
+        out, a_mix, workspace, dropout_scale, configs.get("gate_up"),
     )
+    if workspace is not None:
+        _launch_reduce(workspace, index, a_mix, triton.cdiv(inter, block_n), lora)
     return GateUpOutput(out, a_mix)
 
 
@@ -451,33 +635,75 @@ def expert_gate_up(
 # ---------------------------------------------------------------------------------------------
 
 _NUM_EXPERTS, _RANK, _TOP_K = 8, 16, 2
+_LORA_IN_TYPES = {
+    "x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*bf16", "keys_ptr": "*i64", "M": "i32",
+    "N": "i32", "K": "i32", "stride_xm": "i32", "scaling": "fp32", "dropout_scale": "fp32",
+    "M_BUCKET": "i32",
+}
+_LORA_IN_ALIGNED = ("x_ptr", "a_ptr", "out_ptr", "keys_ptr", "M", "N", "K", "stride_xm",
+                    "M_BUCKET")
+_GATE_UP_TYPES = {
+    "x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "a_gu_ptr": "*bf16",
+    "bg_ptr": "*bf16", "bu_ptr": "*bf16", "ad_ptr": "*bf16", "w_ptr": "*fp32", "idx_ptr": "*i64",
+    "keys_ptr": "*i64", "hmix_ptr": "*bf16", "a_mix_ptr": "*fp32", "ws_ptr": "*fp32",
+    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wg": "i32",
+    "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32", "M_BUCKET": "i32",
+}
+_GATE_UP_ALIGNED = ("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr",
+                    "w_ptr", "idx_ptr", "keys_ptr", "hmix_ptr", "a_mix_ptr", "ws_ptr", "M", "N",
+                    "K", "stride_xm", "stride_wg", "stride_wu", "stride_hm", "M_BUCKET")
+_GATE_UP_SHAPE = {"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
+                  "TOP_K": _TOP_K, "INTERP_BF16": False}
 COMPILE_SPECS = [
     KernelSpec(
         name="expert.lora_in",
         fn=_lora_in_kernel,
-        types={"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-               "K": "i32", "stride_xm": "i32", "scaling": "fp32", "M_BUCKET": "i32"},
-        constexprs={"INTERP_BF16": False},
+        types=_LORA_IN_TYPES,
+        constexprs={"HAS_DROPOUT": False, "INTERP_BF16": False},
         configs=_LORA_IN_GPU,
-        aligned=("x_ptr", "a_ptr", "out_ptr", "M", "N", "K", "stride_xm", "M_BUCKET"),
+        aligned=_LORA_IN_ALIGNED,
         note="c · x_lora · [A_G; A_U]^T for all 8 experts (256 columns)",
+    ),
+    KernelSpec(
+        name="expert.lora_in",
+        fn=_lora_in_kernel,
+        types=_LORA_IN_TYPES,
+        constexprs={"HAS_DROPOUT": True, "INTERP_BF16": False},
+        configs=_LORA_IN_GPU,
+        aligned=_LORA_IN_ALIGNED,
+        note="training variant: the x dropout mask hashed in registers as x tiles load",
     ),
     KernelSpec(
         name="expert.gate_up",
         fn=_expert_gate_up_kernel,
-        types={"x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "a_gu_ptr": "*bf16",
-               "bg_ptr": "*bf16", "bu_ptr": "*bf16", "ad_ptr": "*bf16", "w_ptr": "*fp32",
-               "idx_ptr": "*i64", "keep_ptr": "*u8", "hmix_ptr": "*bf16", "a_mix_ptr": "*fp32",
-               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wg": "i32",
-               "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32",
-               "M_BUCKET": "i32"},
-        constexprs={"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
-                    "TOP_K": _TOP_K, "HAS_DROPOUT": True, "INTERP_BF16": False},
+        types=_GATE_UP_TYPES,
+        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False},
         configs=_GATE_UP_GPU,
-        aligned=("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr", "w_ptr",
-                 "idx_ptr", "keep_ptr", "hmix_ptr", "a_mix_ptr", "M", "N", "K", "stride_xm",
-                 "stride_wg", "stride_wu", "stride_hm", "M_BUCKET"),
+        aligned=_GATE_UP_ALIGNED,
         note="dual gate/up GEMM + per-slot masked-dense LoRA + SwiGLU + mix + A_D atomics "
-             "(training variant, with the dropout mask)",
+             "(training variant: the h dropout masks hashed in registers)",
+    ),
+    KernelSpec(
+        name="expert.gate_up",
+        fn=_expert_gate_up_kernel,
+        types=_GATE_UP_TYPES,
+        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": True},
+        configs=_GATE_UP_GPU,
+        aligned=_GATE_UP_ALIGNED,
+        note="deterministic training variant: per-tile a_mix partials stored, no atomics",
     ),
 ]
+
+# The deterministic reduction (_a_mix_reduce_kernel). Not in COMPILE_SPECS yet: the compile
+# report's test pins the set of kernel names (tests/test_compile_report.py KERNELS).
+REDUCE_SPEC = KernelSpec(
+    name="expert.a_mix_reduce",
+    fn=_a_mix_reduce_kernel,
+    types={"ws_ptr": "*fp32", "idx_ptr": "*i64", "a_mix_ptr": "*fp32", "M": "i32",
+           "NUM_TILES": "i32"},
+    constexprs={"RANK": _RANK, "NUM_EXPERTS": _NUM_EXPERTS, "TOP_K": _TOP_K},
+    configs=[_REDUCE_GPU],
+    aligned=("ws_ptr", "idx_ptr", "a_mix_ptr", "M"),
+    tensor_cores=False,
+    note="a_mix = Σ over D' tiles of the deterministic partials, fixed order",
+)

@@ -42,7 +42,7 @@ Double backward is not supported (``once_differentiable``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -97,7 +97,7 @@ class _Weights:
                                p.gru_weight_g, cd, acc)
 
 
-def _renormalised_weights(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def renormalised_weights(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """The top-k weights of :func:`select_experts`, rebuilt from the saved probabilities."""
     chosen = torch.gather(probs, -1, experts)
     return chosen / chosen.sum(-1, keepdim=True)
@@ -169,7 +169,7 @@ def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int,
         # given. The weights are the probabilities at the given experts, renormalised, which is
         # what the backward differentiates for either kind of choice.
         experts = forced
-        weights = _renormalised_weights(probs, experts)
+        weights = renormalised_weights(probs, experts)
     plan = make_plan(st.plan, experts, w.router.shape[0])
     masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
 
@@ -225,7 +225,7 @@ def _round_backward(
     opt, cd = st.opt, st.compute_dtype
     acc = probs.dtype
     c, r, p = opt.lora_scaling, w.rank, opt.dropout_p
-    weights = _renormalised_weights(probs, experts)
+    weights = renormalised_weights(probs, experts)
     plan = make_plan(st.plan, experts, w.router.shape[0])
     masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
     xc = x_t.to(cd)
@@ -279,14 +279,8 @@ def _round_backward(
     grad_a_gate_up_c = grad_a_gate_up.to(cd)
     grads.a_gate_up += plan.outer_tokens(grad_a_gate_up_c, x_lora)
 
-    # Routing: w_j = p_{e_j} / Σ_l p_{e_l} (top-k is piecewise constant), then the softmax.
-    grad_w = plan.from_pairs(grad_pair_w)
-    chosen_sum = torch.gather(probs, -1, experts).sum(-1, keepdim=True)
-    grad_chosen = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / chosen_sum
-    grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(acc).clone()
-    grad_p.scatter_add_(-1, experts, grad_chosen)
-    grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
-    grads.router += grad_logits.t() @ xc.to(acc)
+    grad_logits = routing_backward(plan.from_pairs(grad_pair_w), probs, experts, weights,
+                                   grad_probs, xc, grads)
     if not need_grad_x:
         return None
 
@@ -297,6 +291,23 @@ def _round_backward(
         grad_x_lora = apply_dropout(grad_x_lora, masks.x, p)
     grad_x = grad_x.to(acc).add_(grad_x_lora)
     return grad_x.addmm_(grad_logits, router_acc)
+
+
+def routing_backward(
+    grad_w: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+    grad_probs: torch.Tensor | None, xc: torch.Tensor, grads: _Grads,
+) -> torch.Tensor:
+    """From ``∂L/∂w`` (``[M, k]``) and ``∂L/∂probs`` to the router logits' gradient (returned)
+    and the router weight's (accumulated into ``grads``): ``w_j = p_{e_j} / Σ_l p_{e_l}`` (top-k
+    itself is piecewise constant), then the softmax."""
+    acc = probs.dtype
+    chosen_sum = torch.gather(probs, -1, experts).sum(-1, keepdim=True)
+    grad_chosen = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / chosen_sum
+    grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(acc).clone()
+    grad_p.scatter_add_(-1, experts, grad_chosen)
+    grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
+    grads.router += grad_logits.t() @ xc.to(acc)
+    return grad_logits
 
 
 class _GraphMoEFunction(torch.autograd.Function):
@@ -367,6 +378,7 @@ def rounds_backward(
     grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, need_grad_x: bool, *,
     rank_r: tuple[torch.Tensor, torch.Tensor] | None = None,
     bases: Sequence[torch.Tensor] = (), inputs: Sequence[torch.Tensor] | None = None,
+    round_backward: Callable[..., torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The backward of T rounds from what a forward kept: the routing (``probs``, ``index``),
     the GRU states ``h_1..h_{T-1}`` and the non-final outputs ``y_1..y_{T-1}``; optionally the
@@ -374,6 +386,9 @@ def rounds_backward(
     products (``bases``: ``G_0, U_0, G_1, ...``) and the round inputs (``inputs``: ``x_1..x_T``),
     each recomputed when absent. Shared by this backend's Function and the triton backend,
     whose kernel forward keeps the same things.
+
+    ``round_backward`` replaces the backward of one round's MoE part (the signature of this
+    module's ``_round_backward``; the triton backend passes its kernels').
 
     Returns the gradients of ``(x, router, A_G, B_G, A_U, B_U, A_D, B_D, W_z, W_r, W_o, b_o,
     W_g)`` in their parameters' dtypes (``x``'s only when ``need_grad_x``; the GRU's ``None``
@@ -421,7 +436,7 @@ def rounds_backward(
                 grad_h = g.h
                 grad_y_t = g.y
                 grad_x_t = grad_x if g.x is None else grad_x + g.x
-            grad_moe = _round_backward(
+            grad_moe = (round_backward or _round_backward)(
                 xs[t], grad_y_t, None if grad_probs is None else grad_probs[t],
                 probs[t], index[t],
                 None if rank_r is None else rank_r[0][t],
