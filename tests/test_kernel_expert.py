@@ -383,14 +383,19 @@ def test_deterministic_matches_the_atomic_path(monkeypatch, tokens, experts, ran
     pr = make_problem(tokens, 24, 50, experts, rank, top_k, F32, seed=tokens, dropout_p=0.2,
                       index=index)
     configs = None if gate_up is None else {"gate_up": gate_up}
-    spaces = []
-    real = gate_up_module.partials_workspace
+    spaces, reductions = [], []
+    real_workspace, real_reduce = gate_up_module.partials_workspace, gate_up_module._launch_reduce
 
     def keep(*args):
-        spaces.append(real(*args))
+        spaces.append(real_workspace(*args))
         return spaces[-1]
 
+    def reduce(*args):
+        reductions.append(args[3])  # the number of D' tiles the launch used
+        return real_reduce(*args)
+
     monkeypatch.setattr(gate_up_module, "partials_workspace", keep)
+    monkeypatch.setattr(gate_up_module, "_launch_reduce", reduce)
     # a_mix_out poisoned by hand too: the reduction must write every element.
     poisoned = torch.full((tokens, experts * rank), float("nan"), device=DEVICE)
     h_det, a_det, y_det = check_problem(pr, F32, configs=configs, deterministic=True,
@@ -405,8 +410,9 @@ def test_deterministic_matches_the_atomic_path(monkeypatch, tokens, experts, ran
     torch.testing.assert_close(a_det, a_atomic, rtol=0, atol=1e-6 * scale)
     # The partials: every element of the tiles the launch used was written (poisoned by
     # new_output in the tests); they hold each slot's share of a_mix.
-    block_n = 16 if gate_up is None else gate_up.kwargs["BLOCK_N"]
-    used = triton.cdiv(50, block_n)
+    used = reductions[0]
+    if gate_up is not None:
+        assert used == triton.cdiv(50, gate_up.kwargs["BLOCK_N"])
     ws = spaces[0]
     assert ws.shape[1:] == (tokens, top_k * rank) and ws.shape[0] >= used
     assert not ws[:used].isnan().any()

@@ -185,6 +185,8 @@ def test_deterministic_forward():
     the comparison with the atomic path is what says the partials add up)."""
     tri, ref = layers(num_rounds=3, lora_dropout=0.2, deterministic=True)
     assert tri.round_options().deterministic
+    with pytest.raises(ValueError, match="deterministic"):
+        dataclasses.replace(tri.round_options(), deterministic=1)
     tri.train()
     x = inputs((21,), seed=6)
     opt = dataclasses.replace(tri.round_options(), dropout_seed=3)
