@@ -420,3 +420,36 @@ def test_cpu_without_interpreter_raises_clear_error():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ERROR:" in proc.stdout, proc.stdout
     assert "needs a CUDA device" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_saved_base_products_give_the_recomputed_gradients(dropout):
+    """``recompute_intermediates=False``: the gate/up kernel also stores ``W_G x`` and
+    ``W_U x`` and the backward kernels read them instead of recomputing: the same gradients
+    (to fp32 rounding: the products are the same sums), and more bytes kept for backward."""
+    results = {}
+    for recompute in (True, False):
+        tri, ref = layers(num_rounds=3, lora_dropout=dropout, recompute_intermediates=recompute)
+        tri.train(dropout > 0)
+        ref.train(dropout > 0)
+        x = inputs((2, 5), seed=13)
+        torch.manual_seed(3)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            y, grads = grads_of(tri, x, with_aux=True)
+        results[recompute] = (y, grads, sum(saved))
+        torch.manual_seed(3)
+        _, want = grads_of(ref, x, with_aux=True)
+        for name, w in want.items():
+            if w is None:
+                continue
+            rel = ((grads[name] - w).norm() / w.norm().clamp_min(1e-30)).item()
+            assert rel <= 2e-5, (recompute, name, rel)
+    (y1, g1, bytes_recompute), (y2, g2, bytes_saved) = results[True], results[False]
+    assert torch.equal(y1, y2)
+    for name, g in g1.items():
+        if g is not None:
+            torch.testing.assert_close(g2[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item())
+    inter, rounds = INTER, 3
+    assert bytes_saved - bytes_recompute == 2 * rounds * 10 * inter * 4  # G and U, fp32

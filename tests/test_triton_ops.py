@@ -42,14 +42,16 @@ def test_forward_op_passes_opcheck(rounds, dropout):
     torch.library.opcheck(torch.ops.graphmoe_fused.triton_rounds.default, args)
 
 
-def test_backward_op_passes_opcheck():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_backward_op_passes_opcheck(recompute):
     layer, x = _layer_and_input(3, 0.2)
     params = [p.detach() for p in layer.params()]
-    options = encode_options(layer.round_options())
-    y, probs, index, states, outputs, inputs, a_mixes = torch.ops.graphmoe_fused.triton_rounds(
-        x, params, options)
+    opt = dataclasses.replace(layer.round_options(), recompute_intermediates=recompute)
+    options = encode_options(opt)
+    y, probs, index, states, outputs, inputs, a_mixes, bases = (
+        torch.ops.graphmoe_fused.triton_rounds(x, params, options))
     grad_y = torch.randn_like(y)
     grad_probs = torch.randn_like(probs)
-    args = (x, params, probs, index, states, outputs, inputs, a_mixes, grad_y, grad_probs,
-            options)
+    args = (x, params, probs, index, states, outputs, inputs, a_mixes, bases, grad_y,
+            grad_probs, options)
     torch.library.opcheck(torch.ops.graphmoe_fused.rounds_backward.default, args)

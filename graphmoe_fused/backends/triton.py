@@ -32,6 +32,7 @@ Devices: CUDA; CPU only under ``TRITON_INTERPRET=1`` (set before importing trito
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 from typing import NamedTuple
@@ -45,6 +46,7 @@ from .contract import (
     check_frozen_base,
     check_inputs,
     compute_dtype,
+    new_empty,
 )
 from .torch import graphmoe_torch
 from .triton_ops import run_rounds
@@ -104,6 +106,7 @@ class _KernelForward(NamedTuple):
     outputs: list[torch.Tensor]  # y_1 .. y_{T-1}
     inputs: list[torch.Tensor]  # x_2 .. x_T
     a_mixes: list[torch.Tensor]  # [M, n·r] fp32 per round
+    bases: list[torch.Tensor]  # G_1, U_1, G_2, ... (recompute_intermediates=False), or none
 
 
 def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelForward:
@@ -119,16 +122,22 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
     h = None  # the zero state of round 1, which the GRU kernel skips
     x_t = x
     all_probs, all_index = [], []
-    states, outputs, inputs, a_mixes = [], [], [], []
+    states, outputs, inputs, a_mixes, bases = [], [], [], [], []
+    inter = p.gate_weight.shape[0]
     for t in range(opt.num_rounds):
         probs, weights, experts = fused_router_topk(x_t, p.router_weight, opt.top_k)
         all_probs.append(probs)
         all_index.append(experts)
 
+        base = None
+        if not opt.recompute_intermediates:  # kept for the backward, as a dense MLP keeps them
+            base = (new_empty((x.shape[0], inter), x.dtype, x.device),
+                    new_empty((x.shape[0], inter), x.dtype, x.device))
+            bases += base
         h_mix, a_mix = expert_gate_up(
             x_t, p.gate_weight, p.up_weight, lora, weights, experts, c,
             dropout_p=opt.dropout_p, dropout_seed=opt.dropout_seed, round_index=t,
-            deterministic=opt.deterministic,
+            deterministic=opt.deterministic, base_out=base,
         )
         y = expert_down(h_mix, p.down_weight, lora, a_mix, c)
         a_mixes.append(a_mix)
@@ -142,7 +151,7 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
         outputs.append(y)
         inputs.append(x_t)
     routed = RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
-    return _KernelForward(routed, states, outputs, inputs, a_mixes)
+    return _KernelForward(routed, states, outputs, inputs, a_mixes, bases)
 
 
 def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
@@ -187,6 +196,9 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
     # autograd casts the gradients back. A parameter in another dtype is copied on every call
     # (keep the layer in the compute dtype to avoid that).
     params = GraphMoEParams(*(t if t.dtype == cd else t.to(cd) for t in p))
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in p))):
+        # Nothing will run backward: keep no base products whatever the option says.
+        opt = dataclasses.replace(opt, recompute_intermediates=True)
     with torch.autocast(x.device.type, enabled=False):
         out = run_rounds(x.to(cd), params, opt)
     return RoutedOutput(out.y.to(x.dtype), out.router_probs, out.expert_index)

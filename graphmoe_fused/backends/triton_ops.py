@@ -33,10 +33,12 @@ OPTION_FIELDS = tuple(f.name for f in fields(RoundOptions))
 @torch.library.custom_op("graphmoe_fused::triton_rounds", mutates_args=())
 def triton_rounds(
     x: Tensor, params: list[Tensor], options: list[float],
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """``(y, router_probs, expert_index, states, outputs, inputs, a_mixes)`` of the T rounds on
-    the kernels; ``options`` are the RoundOptions fields as numbers (see
-    :func:`encode_options`)."""
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor],
+           list[Tensor]]:
+    """``(y, router_probs, expert_index, states, outputs, inputs, a_mixes, bases)`` of the T
+    rounds on the kernels (``bases``: each round's ``W_G x, W_U x`` when
+    ``recompute_intermediates`` is off, else empty); ``options`` are the RoundOptions fields as
+    numbers (see :func:`encode_options`)."""
     from .triton import _forward
 
     fwd = _forward(x, GraphMoEParams(*params), decode_options(options))
@@ -44,7 +46,7 @@ def triton_rounds(
     # Outputs must be fresh tensors with the strides the fake implementation promises: the
     # GRU kernel returns its state as a view of a row-padded buffer.
     return (out.y, out.router_probs, out.expert_index, [s.contiguous() for s in fwd.states],
-            list(fwd.outputs), list(fwd.inputs), list(fwd.a_mixes))
+            list(fwd.outputs), list(fwd.inputs), list(fwd.a_mixes), list(fwd.bases))
 
 
 @triton_rounds.register_fake
@@ -62,6 +64,8 @@ def _(x: Tensor, params: list[Tensor], options: list[float]):
         [x.new_empty(num_tokens, hidden) for _ in range(rounds - 1)],
         [x.new_empty(num_tokens, hidden) for _ in range(rounds - 1)],
         [x.new_empty(num_tokens, lora_cols, dtype=torch.float32) for _ in range(rounds)],
+        [] if opt.recompute_intermediates else
+        [x.new_empty(num_tokens, params[0].shape[0]) for _ in range(2 * rounds)],
     )
 
 
@@ -69,7 +73,7 @@ def _(x: Tensor, params: list[Tensor], options: list[float]):
 def rounds_backward(
     x: Tensor, params: list[Tensor], router_probs: Tensor, expert_index: Tensor,
     states: list[Tensor], outputs: list[Tensor], inputs: list[Tensor], a_mixes: list[Tensor],
-    grad_y: Tensor, grad_probs: Tensor | None, options: list[float],
+    bases: list[Tensor], grad_y: Tensor, grad_probs: Tensor | None, options: list[float],
 ) -> list[Tensor]:
     """Gradients of ``(x, router, A_G, B_G, A_U, B_U, A_D, B_D, W_z, W_r, W_o, b_o, W_g)``;
     the GRU's are zeros with one round (the caller returns ``None`` for them then)."""
@@ -80,7 +84,8 @@ def rounds_backward(
     static = torch_rounds.backward_static(x, p, opt, x.dtype)
     grads = torch_rounds.rounds_backward(
         x, p, static, router_probs, expert_index, states, outputs, grad_y, grad_probs, True,
-        inputs=(x, *inputs), round_backward=_kernel_round_backward(p, a_mixes),
+        inputs=(x, *inputs), round_backward=_kernel_round_backward(p, a_mixes, bases),
+        gru_backward=_kernel_gru_backward(p),
     )
     trainable = (p.router_weight, *p[4:])
     out, storages = [], set()
@@ -97,12 +102,12 @@ def rounds_backward(
 
 
 @rounds_backward.register_fake
-def _(x, params, router_probs, expert_index, states, outputs, inputs, a_mixes, grad_y,
+def _(x, params, router_probs, expert_index, states, outputs, inputs, a_mixes, bases, grad_y,
       grad_probs, options):
     return [torch.empty_like(t) for t in (x, params[3], *params[4:])]
 
 
-def _kernel_round_backward(p: GraphMoEParams, a_mixes: list[Tensor]):
+def _kernel_round_backward(p: GraphMoEParams, a_mixes: list[Tensor], bases: list[Tensor]):
     """The backward of one round's MoE part on the kernels, in the form
     ``torch.rounds.rounds_backward`` takes (``_round_backward``'s signature)."""
     from ..kernels.expert import expert_lora_layout, expert_round_backward
@@ -122,6 +127,7 @@ def _kernel_round_backward(p: GraphMoEParams, a_mixes: list[Tensor]):
             xc, grad_y.to(cd), w.gate, w.up, w.down, lora, weights, experts, a_mixes[t],
             opt.lora_scaling, dropout_p=opt.dropout_p, dropout_seed=opt.dropout_seed,
             round_index=t, deterministic=opt.deterministic,
+            saved_gate_up=tuple(bases[2 * t:2 * t + 2]) or None,
         )
         # Into the torch backward's accumulators (its layouts: A_G and A_U stacked, B rank-major).
         grads.a_gate_up[:, :r] += kb.grad_lora_A_gate
@@ -139,16 +145,38 @@ def _kernel_round_backward(p: GraphMoEParams, a_mixes: list[Tensor]):
     return round_backward
 
 
+def _kernel_gru_backward(p: GraphMoEParams):
+    """The backward of one GRU step on the kernels (``kernels.gru.lowrank_gru_backward``), in
+    the form ``torch.rounds.rounds_backward`` takes for ``gru_backward``."""
+    from ..kernels.gru import lowrank_gru_backward
+    from .torch.gru import GRUGrads
+
+    def gru_backward(grad_h_new, h, y_t, x_t, _w, st):
+        opt, cd = st.opt, st.compute_dtype
+        # rounds_backward widens the states to fp32; the forward kernels stored them in the
+        # compute dtype, so narrowing them back is exact.
+        kb = lowrank_gru_backward(
+            grad_h_new, None if h is None else h.to(cd), y_t.to(cd), x_t.to(cd),
+            p.gru_weight_z.to(cd), p.gru_weight_r.to(cd), p.gru_weight_o.to(cd),
+            p.gru_bias_o.to(cd), opt.gru_candidate_input, opt.gru_candidate_activation,
+            deterministic=opt.deterministic,
+        )
+        zr = torch.cat([kb.grad_weight_z, kb.grad_weight_r], 0)
+        return GRUGrads(kb.grad_h, kb.grad_y, kb.grad_x, zr, kb.grad_weight_o, kb.grad_bias_o)
+
+    return gru_backward
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, params, options = inputs
-    _, probs, index, states, outs, xs, a_mixes = output
+    _, probs, index, states, outs, xs, a_mixes, bases = output
     ctx.options = options
     ctx.num_params = len(params)
-    ctx.save_for_backward(x, *params, probs, index, *states, *outs, *xs, *a_mixes)
+    ctx.save_for_backward(x, *params, probs, index, *states, *outs, *xs, *a_mixes, *bases)
 
 
 def _backward(ctx, grad_y, grad_probs, _grad_index, _grad_states, _grad_outputs, _grad_inputs,
-              _grad_a_mixes):
+              _grad_a_mixes, _grad_bases):
     # The states, outputs and inputs are for the backward only: the layer never returns them,
     # so no gradient arrives on them.
     opt = decode_options(ctx.options)
@@ -158,11 +186,12 @@ def _backward(ctx, grad_y, grad_probs, _grad_index, _grad_states, _grad_outputs,
     probs, index = saved[1 + ctx.num_params:3 + ctx.num_params]
     rest = saved[3 + ctx.num_params:]
     states, outs = rest[:count], rest[count:2 * count]
-    xs, a_mixes = rest[2 * count:3 * count], rest[3 * count:]
+    xs, a_mixes = rest[2 * count:3 * count], rest[3 * count:3 * count + opt.num_rounds]
+    bases = rest[3 * count + opt.num_rounds:]
     if grad_y is None:
         grad_y = torch.zeros_like(x)
     grads = torch.ops.graphmoe_fused.rounds_backward(
-        x, params, probs, index, list(states), list(outs), list(xs), list(a_mixes),
+        x, params, probs, index, list(states), list(outs), list(xs), list(a_mixes), list(bases),
         grad_y.contiguous(),
         None if grad_probs is None else grad_probs.contiguous(), ctx.options,
     )

@@ -183,6 +183,17 @@ _GATE_UP_GPU = [
     cfg(64, 64, 32, 8, 4, LORA_CHUNK=16), cfg(32, 64, 64, 4, 4, LORA_CHUNK=16),
     cfg(64, 32, 64, 4, 4, LORA_CHUNK=16),
 ]
+# Storing the base products too (SAVE_BASE) keeps two more tiles live across the K-loop's end:
+# the 64×128×64 3-stage config then spills 16 B on sm_80 (compile report), so it is left out.
+_GATE_UP_SAVE_BASE_GPU = _GATE_UP_GPU[1:]
+
+
+def _gate_up_prune(configs, named_args, **kwargs):
+    kept = prune_small_m(configs, named_args, **kwargs)
+    if kwargs.get("SAVE_BASE"):
+        allowed = [(c.kwargs, c.num_warps, c.num_stages) for c in _GATE_UP_SAVE_BASE_GPU]
+        kept = [c for c in kept if (c.kwargs, c.num_warps, c.num_stages) in allowed] or kept
+    return kept
 GATE_UP_CONFIGS = (
     [triton.Config({**INTERPRET_CONFIG.kwargs, "LORA_CHUNK": 16}, num_warps=4, num_stages=1)]
     if INTERPRET else _GATE_UP_GPU
@@ -192,13 +203,14 @@ GATE_UP_CONFIGS = (
 @triton.jit
 def _expert_gate_up_kernel(
     x_ptr, wg_ptr, wu_ptr, a_gu_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
-    hmix_ptr, a_mix_ptr, ws_ptr,
+    hmix_ptr, a_mix_ptr, ws_ptr, g_ptr, u_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_hm,
     dropout_scale,
     M_BUCKET,
     RANK: tl.constexpr, R_PAD: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERP_BF16: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, SAVE_BASE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LORA_CHUNK: tl.constexpr,
 ):
@@ -221,6 +233,11 @@ def _expert_gate_up_kernel(
                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                           x_ptr, rows, mask_m, stride_xm, wg_ptr, stride_wg, wu_ptr, stride_wu,
                           cols, mask_n, K, K, BLOCK_K, INTERP_BF16)
+    if SAVE_BASE:
+        # The base products, for a backward that reads them instead of recomputing them
+        # (recompute_intermediates=False): [M, D'] each, rows of stride_hm like h_mix.
+        store_rounded(g_ptr, acc_g, rows, mask_m, stride_hm, cols, mask_n, INTERP_BF16)
+        store_rounded(u_ptr, acc_u, rows, mask_m, stride_hm, cols, mask_n, INTERP_BF16)
 
     # ---- per slot: LoRA delta, SwiGLU, mix, and the down LoRA's input -----------------------
     # Masked-dense column c is row c of the [n·R, ·] LoRA matrices: expert c // R_PAD. The delta
@@ -296,8 +313,9 @@ def _expert_gate_up_kernel(
 
 _expert_gate_up_tuned = triton.autotune(
     configs=GATE_UP_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT", "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": prune_small_m},
+    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT", "DETERMINISTIC",
+         "SAVE_BASE"],
+    prune_configs_by={"early_config_prune": _gate_up_prune},
     # Benchmarking launches the kernel repeatedly; the atomics must start from zero each time.
     # (The deterministic path does not read a_mix: its reduction overwrites it afterwards.)
     reset_to_zero=["a_mix_ptr"],
@@ -392,7 +410,8 @@ def _launch_lora_in(x_lora: torch.Tensor, a_in: torch.Tensor, out: torch.Tensor,
 
 def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, index, keys,
                     h_mix, a_mix, workspace, dropout_scale,
-                    config: triton.Config | None = None) -> int:
+                    config: triton.Config | None = None,
+                    base: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
     """Launches the fused kernel; returns the ``BLOCK_N`` it ran with (the deterministic
     path's reduction needs the number of ``D'`` tiles)."""
     num_tokens, hidden = x.shape
@@ -414,6 +433,7 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
             keys if keys is not None else a_mix,  # never read without dropout
             h_mix, a_mix,
             workspace if workspace is not None else a_mix,  # written only when deterministic
+            *(base if base is not None else (h_mix, h_mix)),  # written only with SAVE_BASE
             num_tokens, inter, hidden,
             x.stride(0), gate_weight.stride(0), up_weight.stride(0), h_mix.stride(0),
             float(dropout_scale),
@@ -422,7 +442,8 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
         {
             "RANK": lora.rank, "R_PAD": padded_rank(lora.rank), "NUM_EXPERTS": lora.num_experts,
             "TOP_K": index.shape[1], "HAS_DROPOUT": keys is not None,
-            "DETERMINISTIC": workspace is not None, "INTERP_BF16": interpreter_bf16(x.dtype),
+            "DETERMINISTIC": workspace is not None, "SAVE_BASE": base is not None,
+            "INTERP_BF16": interpreter_bf16(x.dtype),
         },
         config,
     )
@@ -533,6 +554,7 @@ def expert_gate_up(
     deterministic: bool = False,
     out: torch.Tensor | None = None,
     a_mix_out: torch.Tensor | None = None,
+    base_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     configs: dict[str, triton.Config] | None = None,
 ) -> GateUpOutput:
     """Mixed SwiGLU activation of the chosen LoRA experts, and the down LoRA's rank-``r`` input.
@@ -576,6 +598,10 @@ def expert_gate_up(
         out: optional ``[M, D']`` buffer (``x``'s dtype, unit column stride) for ``h_mix``.
         a_mix_out: optional contiguous ``[M, n·r]`` fp32 buffer for ``a_mix`` (every element
             is written).
+        base_out: optional pair of ``[M, D']`` buffers (``x``'s dtype, the row stride of
+            ``out``) that receive the base products ``W_G x`` and ``W_U x`` before any LoRA
+            delta: what a backward that does not recompute them reads (two more stores per
+            tile, no extra FLOPs).
         configs: pins the block shapes of the two launches instead of autotuning them, so
             tests reach shapes the single interpreter config does not: ``"lora_in"`` (see
             :func:`expert_lora_in`) and ``"gate_up"`` (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
@@ -602,6 +628,13 @@ def expert_gate_up(
     dropout_scale = _dropout_scale(keys, dropout_p)
 
     out = output_buffer("out", out, (num_tokens, inter), x, dt)
+    if base_out is not None:
+        if not isinstance(base_out, (tuple, list)) or len(base_out) != 2:
+            raise TypeError("base_out must be a pair of [M, D'] buffers (gate, up) or None")
+        for name, buf in zip(("base_out[0]", "base_out[1]"), base_out, strict=True):
+            check_like(name, buf, (num_tokens, inter), x, dt)
+            if inter > 1 and (buf.stride(1) != 1 or buf.stride(0) != out.stride(0)):
+                raise ValueError(f"{name} must have unit column stride and out's row stride")
     a_mix = output_buffer("a_mix_out", a_mix_out, (num_tokens, lora.num_experts * lora.rank),
                           x, torch.float32, contiguous=True)
     if num_tokens == 0:
@@ -623,6 +656,7 @@ def expert_gate_up(
         unit_stride_rows(x), unit_stride_rows(gate_weight), unit_stride_rows(up_weight), a_gu,
         lora, expert_weights.to(torch.float32).contiguous(), index, keys,
         out, a_mix, workspace, dropout_scale, configs.get("gate_up"),
+        None if base_out is None else tuple(base_out),
     )
     if workspace is not None:
         _launch_reduce(workspace, index, a_mix, triton.cdiv(inter, block_n), lora)
@@ -646,12 +680,14 @@ _GATE_UP_TYPES = {
     "x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "a_gu_ptr": "*bf16",
     "bg_ptr": "*bf16", "bu_ptr": "*bf16", "ad_ptr": "*bf16", "w_ptr": "*fp32", "idx_ptr": "*i64",
     "keys_ptr": "*i64", "hmix_ptr": "*bf16", "a_mix_ptr": "*fp32", "ws_ptr": "*fp32",
-    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wg": "i32",
-    "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32", "M_BUCKET": "i32",
+    "g_ptr": "*bf16", "u_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+    "stride_wg": "i32", "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32",
+    "M_BUCKET": "i32",
 }
 _GATE_UP_ALIGNED = ("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr",
-                    "w_ptr", "idx_ptr", "keys_ptr", "hmix_ptr", "a_mix_ptr", "ws_ptr", "M", "N",
-                    "K", "stride_xm", "stride_wg", "stride_wu", "stride_hm", "M_BUCKET")
+                    "w_ptr", "idx_ptr", "keys_ptr", "hmix_ptr", "a_mix_ptr", "ws_ptr", "g_ptr",
+                    "u_ptr", "M", "N", "K", "stride_xm", "stride_wg", "stride_wu", "stride_hm",
+                    "M_BUCKET")
 _GATE_UP_SHAPE = {"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
                   "TOP_K": _TOP_K, "INTERP_BF16": False}
 COMPILE_SPECS = [
@@ -677,7 +713,8 @@ COMPILE_SPECS = [
         name="expert.gate_up",
         fn=_expert_gate_up_kernel,
         types=_GATE_UP_TYPES,
-        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False},
+        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False,
+                    "SAVE_BASE": False},
         configs=_GATE_UP_GPU,
         aligned=_GATE_UP_ALIGNED,
         note="dual gate/up GEMM + per-slot masked-dense LoRA + SwiGLU + mix + A_D atomics "
@@ -687,16 +724,23 @@ COMPILE_SPECS = [
         name="expert.gate_up",
         fn=_expert_gate_up_kernel,
         types=_GATE_UP_TYPES,
-        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": True},
+        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False,
+                    "SAVE_BASE": True},
+        configs=_GATE_UP_SAVE_BASE_GPU,
+        aligned=_GATE_UP_ALIGNED,
+        note="training variant that also stores W_G x and W_U x (recompute_intermediates=False)",
+    ),
+    KernelSpec(
+        name="expert.gate_up",
+        fn=_expert_gate_up_kernel,
+        types=_GATE_UP_TYPES,
+        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": True,
+                    "SAVE_BASE": False},
         configs=_GATE_UP_GPU,
         aligned=_GATE_UP_ALIGNED,
         note="deterministic training variant: per-tile a_mix partials stored, no atomics",
     ),
-]
-
-# The deterministic reduction (_a_mix_reduce_kernel). Not in COMPILE_SPECS yet: the compile
-# report's test pins the set of kernel names (tests/test_compile_report.py KERNELS).
-REDUCE_SPEC = KernelSpec(
+    KernelSpec(
     name="expert.a_mix_reduce",
     fn=_a_mix_reduce_kernel,
     types={"ws_ptr": "*fp32", "idx_ptr": "*i64", "a_mix_ptr": "*fp32", "M": "i32",
@@ -706,4 +750,5 @@ REDUCE_SPEC = KernelSpec(
     aligned=("ws_ptr", "idx_ptr", "a_mix_ptr", "M"),
     tensor_cores=False,
     note="a_mix = Σ over D' tiles of the deterministic partials, fixed order",
-)
+    ),
+]
