@@ -7,17 +7,20 @@ and ``torch.cuda.device`` is replaced by a recorder, so each test sees which dev
 function makes current before it does any work.
 """
 
+import importlib
 import inspect
 
 import pytest
 import torch
-from graphmoe_fused.kernels.expert import down, gate_up, layout
+from graphmoe_fused.kernels.expert import backward, down, gate_up, layout
 from graphmoe_fused.kernels.gru import lowrank_gru
 from graphmoe_fused.kernels.routing import router_topk
 from graphmoe_fused.kernels.utils import is_interpreter, on_device_of
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-MODULES = (router_topk, layout, gate_up, down, lowrank_gru)
+# The GRU backward's module by its full name: the package exports a function of the same name.
+MODULES = (router_topk, layout, gate_up, down, backward, lowrank_gru,
+           importlib.import_module("graphmoe_fused.kernels.gru.lowrank_gru_backward"))
 # The argument whose device a call runs on: the activation the outputs are allocated beside.
 DEVICE_ARGS = {
     "fused_router_topk": "x",
@@ -26,6 +29,8 @@ DEVICE_ARGS = {
     "expert_gate_up": "x",
     "expert_down": "h_mix",
     "fused_lowrank_gru": "x",
+    "expert_round_backward": "x",
+    "lowrank_gru_backward": "y",
 }
 
 

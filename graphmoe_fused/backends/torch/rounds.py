@@ -59,7 +59,7 @@ from ..contract import (
 )
 from ..dropout import apply_dropout, keep_mask, keep_rows, slot_row_bits, stream_key
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
-from .gru import gru_step, gru_step_backward, prepare_gru
+from .gru import GRUGrads, gru_step, gru_step_backward, prepare_gru
 from .routing import router_probabilities, select_experts
 
 
@@ -379,6 +379,7 @@ def rounds_backward(
     rank_r: tuple[torch.Tensor, torch.Tensor] | None = None,
     bases: Sequence[torch.Tensor] = (), inputs: Sequence[torch.Tensor] | None = None,
     round_backward: Callable[..., torch.Tensor | None] | None = None,
+    gru_backward: Callable[..., GRUGrads] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The backward of T rounds from what a forward kept: the routing (``probs``, ``index``),
     the GRU states ``h_1..h_{T-1}`` and the non-final outputs ``y_1..y_{T-1}``; optionally the
@@ -388,7 +389,11 @@ def rounds_backward(
     whose kernel forward keeps the same things.
 
     ``round_backward`` replaces the backward of one round's MoE part (the signature of this
-    module's ``_round_backward``; the triton backend passes its kernels').
+    module's ``_round_backward``; the triton backend passes its kernels'). ``gru_backward``
+    likewise replaces one GRU step's backward (:func:`.gru.gru_step_backward`): called as
+    ``gru_backward(grad_h_new, h, y_t, x_t, w, st)`` with ``h`` the accumulation-dtype state
+    ``h_t``, or ``None`` for round 1's zero state (whose gradient ``GRUGrads.h`` may then be
+    ``None``), ``w`` the ``_Weights``; returns a :class:`.gru.GRUGrads`.
 
     Returns the gradients of ``(x, router, A_G, B_G, A_U, B_U, A_D, B_D, W_z, W_r, W_o, b_o,
     W_g)`` in their parameters' dtypes (``x``'s only when ``need_grad_x``; the GRU's ``None``
@@ -427,9 +432,13 @@ def rounds_backward(
                 grad_state = grad_x @ gru_acc.g
                 if grad_h is not None:
                     grad_state += grad_h
-                h_prev = states[t - 1] if t > 0 else torch.zeros_like(states[t])
-                g = gru_step_backward(grad_state, h_prev, outputs[t], xs[t], w.gru, gru_acc,
-                                      opt.gru_candidate_input, opt.gru_candidate_activation)
+                if gru_backward is None:
+                    h_prev = states[t - 1] if t > 0 else torch.zeros_like(states[t])
+                    g = gru_step_backward(grad_state, h_prev, outputs[t], xs[t], w.gru, gru_acc,
+                                          opt.gru_candidate_input, opt.gru_candidate_activation)
+                else:
+                    g = gru_backward(grad_state, states[t - 1] if t > 0 else None, outputs[t],
+                                     xs[t], w, st)
                 grads.gru_zr += g.zr
                 grads.gru_o += g.o
                 grads.gru_bias_o += g.bias_o
