@@ -93,15 +93,21 @@ def graphmoe_round(s: BenchShape, recompute: bool, grouped: bool = False) -> lis
         Kernel("down backward: dh_base = dy W_D, b = c·dy B_Dᵀ, dB_D",
                gemm(m, f, d) + 2 * gemm(m, nr, d), act_d + wd + act_f + 2 * m * nr * B32),
         Kernel("gate/up backward: G, U (recomputed or read), k slots' LoRA, SwiGLU backward, "
-               "dG, dU, dw, d a, dB_G, dB_U, dA_D",
+               "dG, dU, dw, d a",
                (2 * gemm(m, f, d) if recompute else 0)
                + k * (2 * gemm(m, f, nr)  # the slot's gate and up deltas again
                       + gemm(m, f, nr)  # dh_j's rank-r term A_Dᵀ b_j
-                      + 2 * gemm(m, nr, f)  # d a_g, d a_u
-                      + 2 * gemm(nr, f, m)  # dB_G, dB_U (reductions over tokens)
-                      + gemm(nr, f, m)),  # dA_D
-               (act_d + wgu if recompute else saved_gu) + 3 * lora_f + 3 * act_f
-               + 3 * nr * f * B32 + 2 * m * nr * B32),
+                      + 2 * gemm(m, nr, f)),  # d a_g, d a_u
+               # reads x and the weights (recompute) or the saved G, U; writes G, U once when
+               # recomputed (for the second kernel), dG, dU and the rank-r results.
+               (act_d + wgu + 2 * act_f if recompute else saved_gu) + 3 * lora_f + 3 * act_f
+               + 2 * m * nr * B32),
+        Kernel("gate/up weight gradients: dB_G, dB_U, dA_D (token reductions, the slots' "
+               "dgate, dup, h re-derived from G, U)",
+               k * (3 * gemm(m, f, nr)  # the slot's deltas and A_Dᵀ b_j again
+                    + 2 * gemm(nr, f, m)  # dB_G, dB_U
+                    + gemm(nr, f, m)),  # dA_D
+               2 * act_f + act_f + 3 * lora_f + 3 * nr * f * B32 + 2 * m * nr * B32),
         Kernel("dx: dG W_G + dU W_U + masked A paths, dA_G, dA_U",
                2 * gemm(m, d, f) + 2 * gemm(m, d, 2 * nr), 2 * act_f + wgu + 2 * act_d),
         Kernel("router backward (softmax, top-k renormalisation, dR, dx)",

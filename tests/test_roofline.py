@@ -22,8 +22,9 @@ def test_base_gemm_units_of_a_graphmoe_round():
         kernels = graphmoe_round(s, recompute)
         base = sum(k.flops for k in kernels if not k.name.startswith(("GRU", "router", "lora_in")))
         lora = base - units * unit
-        # The masked-dense LoRA products, forward and backward: three quarters of a unit.
-        assert 0.7 * unit < lora < 0.8 * unit
+        # The masked-dense LoRA products, forward and backward (the weight-gradient kernel
+        # re-derives each slot's deltas): nearly a whole unit, 15/16 at this shape.
+        assert 0.9 * unit < lora < 1.0 * unit
         grouped = graphmoe_round(s, recompute, grouped=True)
         grouped_lora = sum(k.flops for k in grouped
                            if not k.name.startswith(("GRU", "router", "lora_in"))) - units * unit

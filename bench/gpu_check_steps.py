@@ -1,0 +1,597 @@
+"""The four steps of ``python -m bench.gpu_check`` (see that module). Each step runs in its own
+process, records its checks one by one through a :class:`Recorder` (so a step killed at its time
+limit keeps what it finished) and never lets one check's exception stop the next.
+
+Status of a check: ``PASS``, ``FAIL`` (with the figures or the traceback), ``SKIP`` (with the
+reason). Benchmarks have no targets here: a measured figure is a ``PASS``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import graphmoe_fused as gm
+from bench import harness
+from bench.harness import BenchContext, Step
+from bench.shapes import SHAPES, BenchShape
+from graphmoe_fused.backends import GraphMoEParams, RoundOptions, get_backend
+from graphmoe_fused.backends.contract import FROZEN_BASE
+
+LLAMA = SHAPES["llama3-8b"]
+# Correctness shapes: llama3-8b at a few hundred tokens, and sizes that fit no tile or power of 2.
+GPU_CHECK_SHAPES = (dataclasses.replace(LLAMA, name="llama3-8b/256", tokens=256),
+                    BenchShape("odd", 4000, 11000, 8, 2, 16, 3, 400, 777, torch.bfloat16))
+# --dry-run (CPU, Triton interpreter): the same code at sizes the interpreter runs in seconds.
+DRY_SHAPES = (BenchShape("dry", 32, 48, 4, 2, 4, 3, 3, 24, torch.bfloat16),
+              BenchShape("dry-odd", 36, 50, 4, 2, 4, 3, 3, 13, torch.bfloat16))
+DRY_BENCH = BenchShape("dry-bench", 32, 48, 4, 2, 4, 3, 3, 32, torch.bfloat16)
+# (dtype, recompute_intermediates, lora_dropout) per shape: both dtypes, recompute both ways,
+# dropout both ways for each dtype.
+CASES = ((torch.bfloat16, True, 0.0), (torch.bfloat16, False, 0.05),
+         (torch.float16, True, 0.05), (torch.float16, False, 0.0))
+# Tolerance (norm-wise relative error against the fp32/fp64 truth on the same weights): a fast
+# backend may be `factor` × the reference backend's own error in the same dtype, plus a quarter
+# ulp (the rule of tests/test_triton_backend.py: rounding-order luck; a wrong term is O(1)).
+FACTOR = {"y": 2.0, "probs": 2.0, "grad": {torch.bfloat16: 5.0, torch.float16: 2.0}}
+ABS_CAP = 0.05  # and never above this, whatever the reference's error
+MIN_AGREE = 0.5  # share of tokens routed alike by every backend and the truth, at least
+INJECT_ENV = "GRAPHMOE_GPU_CHECK_INJECT"  # tests: "step:raise" or "step:hang", comma-separated
+
+
+class Skip(Exception):
+    """A check that cannot run here; the message is the reason."""
+
+
+class Recorder:
+    """Runs checks, records each result and rewrites the step's JSON after every one."""
+
+    def __init__(self, path: str, deadline: float, margin: float) -> None:
+        self.path, self.deadline, self.margin = path, deadline, margin
+        self.checks: dict[str, dict[str, Any]] = {}
+
+    def check(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+        start = time.perf_counter()
+        if time.time() > self.deadline - self.margin:
+            entry: dict[str, Any] = {"status": "SKIP", "reason": "the step's time box is spent"}
+        else:
+            print(f"[check] {name} ...", flush=True)
+            try:
+                entry = dict(fn() or {})
+                entry.setdefault("status", "PASS")
+            except Skip as skip:
+                entry = {"status": "SKIP", "reason": str(skip)}
+            except Exception:  # noqa: BLE001 - recorded, the next check runs
+                entry = {"status": "FAIL", "traceback": traceback.format_exc()}
+        entry["seconds"] = round(time.perf_counter() - start, 2)
+        print(f"[check] {name}: {entry['status']} ({entry['seconds']} s)"
+              + (f" {entry.get('reason', '')}" if entry["status"] == "SKIP" else ""), flush=True)
+        if entry["status"] == "FAIL" and "traceback" in entry:
+            print(entry["traceback"], file=sys.stderr, flush=True)
+        self.checks[name] = entry
+        self.flush()
+        return entry
+
+    def flush(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"checks": self.checks}, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+@dataclasses.dataclass
+class StepContext:
+    dry_run: bool
+    device: torch.device
+    rec: Recorder
+
+
+def device_for(dry_run: bool) -> torch.device:
+    if dry_run:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device (use --dry-run for the CPU smoke run)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def inject(step: str) -> None:
+    """The failure a test asks for through ``$GRAPHMOE_GPU_CHECK_INJECT``."""
+    for item in filter(None, os.environ.get(INJECT_ENV, "").split(",")):
+        name, _, action = item.partition(":")
+        if name == step and action == "raise":
+            raise RuntimeError(f"failure injected into step {step!r} by ${INJECT_ENV}")
+        if name == step and action == "hang":
+            time.sleep(10**6)
+
+
+def bench_context(shape: BenchShape, device: torch.device, dtype: torch.dtype | None = None,
+                  **changes: Any) -> BenchContext:
+    if dtype is not None:
+        shape = dataclasses.replace(shape, dtype=dtype)
+    return BenchContext(shape=shape, device=device, budget_s=1.0, min_rounds=1, max_rounds=50,
+                        dropout=0.0, **changes)
+
+
+# --------------------------------------------------------------------------- 1. environment
+
+
+def _run(cmd: list[str], timeout: float = 20) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def step_environment(sc: StepContext) -> None:
+    def versions() -> dict[str, Any]:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = _run(["git", "-C", repo, "rev-parse", "HEAD"])
+        dirty = _run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"])
+        return {
+            "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+            **{name: harness.package_version(name) for name in ("triton", "transformers")},
+            "graphmoe_fused": gm.__version__,
+            "git_commit": commit, "git_dirty": bool(dirty) if commit else None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "env": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_CACHE_DIR",
+                                                   "CUDA_VISIBLE_DEVICES")},
+        }
+
+    def gpu() -> dict[str, Any]:
+        if sc.device.type != "cuda":
+            raise Skip("no CUDA device (dry run on CPU)")
+        props = torch.cuda.get_device_properties(sc.device)
+        return {
+            "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+            "l2_cache_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        }
+
+    def smi() -> dict[str, Any]:
+        fields = ("name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,"
+                  "power.limit,temperature.gpu,memory.used,memory.total")
+        out = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"])
+        if out is None:
+            raise Skip("nvidia-smi is not on PATH (or failed)")
+        first = out.splitlines()[0]
+        return dict(zip(fields.split(","), (v.strip() for v in first.split(",")), strict=False))
+
+    sc.rec.check("versions", versions)
+    sc.rec.check("gpu", gpu)
+    sc.rec.check("nvidia_smi", smi)
+
+
+# --------------------------------------------------------------------------- 2. correctness
+
+
+def trainable(p: GraphMoEParams, dtype: torch.dtype | None = None) -> GraphMoEParams:
+    """Fresh leaves (cast to ``dtype``): the base frozen, everything else requiring grad."""
+    return GraphMoEParams(*(
+        t.detach().to(dtype or t.dtype).requires_grad_(name not in FROZEN_BASE)
+        for name, t in zip(GraphMoEParams._fields, p, strict=True)))
+
+
+def run_with_grads(backend: str, p: GraphMoEParams, x: torch.Tensor, opt: RoundOptions,
+                   gy: torch.Tensor, gp: torch.Tensor, dtype: torch.dtype | None = None
+                   ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Forward and backward of ``<y, gy> + <probs, gp>``; the output and every gradient."""
+    dtype = dtype or x.dtype
+    leaves = trainable(p, dtype)
+    x = x.detach().to(dtype).requires_grad_(True)
+    out = get_backend(backend)(x, leaves, opt)
+    torch.autograd.backward((out.y, out.router_probs),
+                            (gy.to(out.y.dtype), gp.to(out.router_probs.dtype)))
+    grads = {"x": x.grad, **{name: t.grad for name, t in zip(GraphMoEParams._fields, leaves,
+                                                               strict=True)
+                             if name not in FROZEN_BASE}}
+    return out, grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    b = b.double()
+    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def routing_agreement(*indices: torch.Tensor) -> torch.Tensor:
+    """``[M]``: tokens every run routed to the same experts, in the same slots, in every round."""
+    first = indices[0]
+    return torch.stack([(i == first).all(-1).all(0) for i in indices]).all(0)
+
+
+def _inputs(shape: BenchShape, device: torch.device, tokens: int, n_rounds: int, seed: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, shape.d, generator=gen, device=device)
+    gy = torch.randn(tokens, shape.d, generator=gen, device=device)
+    gp = torch.randn(n_rounds, tokens, shape.num_experts, generator=gen, device=device)
+    return x, gy, gp
+
+
+def correctness_case(sc: StepContext, shape: BenchShape, dtype: torch.dtype, recompute: bool,
+                     dropout: float) -> dict[str, Any]:
+    """triton, torch and the reference backend in ``dtype``, forward and every gradient, against
+    the reference in fp32 (fp64 on the CPU) on the same weights, on the tokens every run routes
+    alike (rerun on those tokens alone: tokens never interact, so their figures are clean)."""
+    ctx = bench_context(shape, sc.device, dtype, recompute_intermediates=recompute)
+    ctx = dataclasses.replace(ctx, dropout=dropout)
+    layer = harness.build_layer(ctx, "reference")
+    p, opt = layer.params(), dataclasses.replace(layer.round_options(), dropout_seed=1234)
+    truth_dtype = torch.float64 if sc.device.type == "cpu" else torch.float32
+    x, gy, gp = _inputs(shape, sc.device, shape.tokens, opt.num_rounds, seed=7)
+    impls = ("triton", "torch", "reference")
+    with torch.no_grad():
+        truth_p = GraphMoEParams(*(t.to(truth_dtype) for t in p))
+        index = [get_backend(b)(x.to(dtype), p, opt).expert_index for b in impls]
+        index.append(get_backend("reference")(x.to(truth_dtype), truth_p, opt).expert_index)
+    keep = routing_agreement(*index)
+    share = float(keep.float().mean())
+    if not keep.any():
+        return {"status": "FAIL", "agree_share": share, "reason": "no token routed alike"}
+    x, gy, gp = x[keep], gy[keep], gp[:, keep]
+    truth, truth_g = run_with_grads("reference", p, x, opt, gy, gp, truth_dtype)
+    runs = {b: run_with_grads(b, p, x, opt, gy, gp, dtype) for b in impls}
+    rows = routing_agreement(truth.expert_index, *(out.expert_index for out, _ in runs.values()))
+    eps = torch.finfo(dtype).eps
+    errors: dict[str, dict[str, float]] = {}
+    for b, (out, grads) in runs.items():
+        values = {"y": (out.y[rows], truth.y[rows]), "probs": (out.router_probs,
+                                                               truth.router_probs),
+                  "grad_x": (grads["x"][rows], truth_g["x"][rows])}
+        values.update({f"grad_{n}": (g, truth_g[n]) for n, g in grads.items() if n != "x"})
+        errors[b] = {name: rel_err(a, t) for name, (a, t) in values.items()}
+        errors[b]["finite"] = all(bool(torch.isfinite(a).all()) for a, _ in values.values())
+    failures = []
+    tolerance = {}
+    for name, ref_err in errors["reference"].items():
+        if name == "finite":
+            continue
+        factor = FACTOR[name] if name in FACTOR else FACTOR["grad"][dtype]
+        tolerance[name] = min(factor * ref_err + eps / 4, ABS_CAP)
+        failures += [f"{b} {name}: {errors[b][name]:.3g} > {tolerance[name]:.3g}"
+                     for b in ("triton", "torch") if errors[b][name] > tolerance[name]]
+    failures += [f"{b}: non-finite output or gradient" for b in impls if not errors[b]["finite"]]
+    if share < MIN_AGREE:
+        failures.append(f"only {share:.0%} of the tokens routed alike (< {MIN_AGREE:.0%})")
+    return {
+        "status": "FAIL" if failures else "PASS", "failures": failures,
+        "shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "tokens": shape.tokens,
+        "recompute_intermediates": recompute, "lora_dropout": dropout,
+        "truth": str(truth_dtype).removeprefix("torch."),
+        "agree_share": share, "agree_share_rerun": float(rows.float().mean()),
+        "rel_err": errors, "tolerance": tolerance,
+    }
+
+
+def determinism(sc: StepContext, shape: BenchShape) -> dict[str, Any]:
+    """triton: ``deterministic=True`` gives the same bits twice; the default's spread and the
+    routing of two forwards are recorded (the backward uses the forward's own expert_index)."""
+    ctx = bench_context(shape, sc.device, torch.bfloat16)
+    layer = harness.build_layer(ctx, "reference")
+    p = layer.params()
+    x, gy, gp = _inputs(shape, sc.device, shape.tokens, shape.num_rounds, seed=9)
+    x = x.to(torch.bfloat16)
+    result: dict[str, Any] = {}
+    for det in (True, False):
+        opt = dataclasses.replace(layer.round_options(), deterministic=det)
+        (out1, g1), (out2, g2) = (run_with_grads("triton", p, x, opt, gy, gp) for _ in range(2))
+        same = {"y": torch.equal(out1.y, out2.y),
+                **{n: torch.equal(g1[n], g2[n]) for n in g1}}
+        result["deterministic" if det else "default"] = {
+            "bit_identical": same,
+            "max_rel_spread": max([rel_err(out1.y, out2.y)]
+                                  + [rel_err(g1[n], g2[n]) for n in g1]),
+            "same_routing_share": float(routing_agreement(out1.expert_index,
+                                                          out2.expert_index).float().mean()),
+        }
+    ok = all(result["deterministic"]["bit_identical"].values())
+    return {"status": "PASS" if ok else "FAIL", **result}
+
+
+def hf_training_step(sc: StepContext) -> dict[str, Any]:
+    """A tiny LlamaForCausalLM (built from a config, no download) converted to GraphMoE: one
+    training step (loss, backward, SGD) through the triton backend and through the reference,
+    same weights; losses and gradients compared."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    model = LlamaForCausalLM(config).to(sc.device)
+    cfg = gm.GraphMoEConfig(num_experts=4, top_k=2, lora_r=4, lora_dropout=0.0, backend="reference")
+    gm.apply_graphmoe(model, cfg)
+    with torch.no_grad():  # non-zero LoRA B and W_g, or the experts and the GRU would do nothing
+        for name, param in model.named_parameters():
+            if param.requires_grad and ("lora_B" in name or "weight_g" in name):
+                param.normal_(0, 0.05)
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, gm.GraphMoEMLP):
+            module.config = dataclasses.replace(module.config, backend="triton")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(sc.device)
+    losses, grads = {}, {}
+    for name, m in (("reference", model), ("triton", twin)):
+        opt = torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.1)
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads[name] = {n: q.grad.clone() for n, q in m.named_parameters() if q.grad is not None}
+        opt.step()
+        with torch.no_grad():
+            losses[name] = (float(out.loss), float(m(input_ids=ids, labels=ids).loss))
+    worst = max(rel_err(g, grads["reference"][n]) for n, g in grads["triton"].items())
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(*losses.values(), strict=True))
+    # fp32 both; on a GPU the kernels may take TF32 dots where the reference does not.
+    tol = 1e-4 if sc.device.type == "cpu" else 1e-2
+    finite = all(math.isfinite(v) for pair in losses.values() for v in pair)
+    ok = finite and worst <= tol and loss_err <= tol and grads["triton"].keys() == grads[
+        "reference"].keys()
+    return {"status": "PASS" if ok else "FAIL", "losses_before_after": losses,
+            "max_grad_rel_err": worst, "max_loss_rel_err": loss_err, "tolerance": tol,
+            "grads": len(grads["triton"])}
+
+
+def step_correctness(sc: StepContext) -> None:
+    if sc.device.type == "cpu" and not harness.triton_runnable(sc.device):
+        raise RuntimeError("dry run without TRITON_INTERPRET=1")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = DRY_SHAPES if sc.dry_run else GPU_CHECK_SHAPES
+    # The first case of the main shape first: the checks that matter most run before any
+    # time box can cut the step short.
+    for shape in shapes:
+        for dtype, recompute, dropout in CASES:
+            name = (f"{shape.name}/{str(dtype).removeprefix('torch.')}/"
+                    f"recompute={recompute}/dropout={dropout}")
+            sc.rec.check(name, lambda s=shape, d=dtype, r=recompute, p=dropout:
+                         correctness_case(sc, s, d, r, p))
+        if shape is shapes[0]:
+            sc.rec.check("determinism", lambda: determinism(sc, shapes[0]))
+            sc.rec.check("hf_training_step", lambda: hf_training_step(sc))
+
+
+# --------------------------------------------------------------------------- 3. benchmarks
+
+
+def interleaved(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Each step ``warmup`` times (compilation, autotuning, allocator: excluded), then
+    ``rounds`` rounds timing every step once, in an order rotating round by round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            harness.timed_call(step)
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(harness.timed_call(steps[name]))
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str, scale: float = 1.0) -> float:
+    """Median over rounds of ``times[num] / (scale · times[den])``: paired, so load drifting
+    between rounds cancels."""
+    return statistics.median(a / (scale * b) for a, b in zip(times[num], times[den],
+                                                             strict=True))
+
+
+def _module(ctx: BenchContext, impl: str, num_rounds: int | None = None) -> torch.nn.Module:
+    if impl == "dense":
+        return harness.build_dense(ctx)
+    if impl == "mixlora":
+        return harness.build_mixlora(ctx, num_rounds)
+    return harness.build_layer(ctx, impl, num_rounds)
+
+
+def layer_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
+    """fwd (dense, torch, triton) and fwd+bwd (all five) interleaved; ratios paired."""
+    groups = {"fwd": ("dense", "torch", "triton"),
+              "fwd_bwd": ("dense", "reference", "mixlora", "torch", "triton")}
+    t_count = ctx.shape.num_rounds
+    result: dict[str, Any] = {}
+    for mode, impls in groups.items():
+        x, grad = harness.layer_input(ctx, requires_grad=mode == "fwd_bwd")
+        steps = {i: harness.module_step(ctx, _module(ctx, i), x, grad, mode) for i in impls}
+        times = interleaved(steps, rounds, warmup)
+        entry: dict[str, Any] = {i: {"median_ms": 1e3 * statistics.median(t)}
+                                 for i, t in times.items()}
+        for impl in ("torch", "triton"):
+            entry[impl]["vs_T_dense"] = paired_ratio(times, impl, "dense", t_count)
+            for base in ("reference", "mixlora"):
+                if base in times:
+                    entry[impl][f"speedup_vs_{base}"] = paired_ratio(times, base, impl)
+        result[mode] = entry
+        del steps
+        _free(ctx)
+    return result
+
+
+def round_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
+    """triton inference forward at T = 1..5, same weights; each relative to T = 1."""
+    x, grad = harness.layer_input(ctx, requires_grad=False)
+    steps = {f"T={t}": harness.module_step(ctx, _module(ctx, "triton", t), x, grad, "fwd")
+             for t in range(1, 6)}
+    times = interleaved(steps, rounds, warmup)
+    return {name: {"median_ms": 1e3 * statistics.median(t),
+                   "vs_T1": paired_ratio(times, name, "T=1")} for name, t in times.items()}
+
+
+def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
+    """The raw kernels of one round, forward, as the triton backend calls them; the GRU share of
+    a non-final round = GRU / (router + gate_up + down + GRU)."""
+    from graphmoe_fused.kernels.expert import expert_down, expert_gate_up, expert_lora_layout
+    from graphmoe_fused.kernels.gru import fused_lowrank_gru
+    from graphmoe_fused.kernels.routing import fused_router_topk
+
+    s = ctx.shape
+    layer = harness.build_layer(ctx, "reference", num_rounds=2)
+    p, c = layer.params(), layer.config.lora_scaling
+    x, _ = harness.layer_input(ctx, requires_grad=False)
+    with torch.no_grad():
+        lora = expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up, p.lora_B_up,
+                                  p.lora_A_down, p.lora_B_down)
+        _, weights, experts = fused_router_topk(x, p.router_weight, s.top_k)
+        h_mix, a_mix = expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights, experts, c)
+        y = expert_down(h_mix, p.down_weight, lora, a_mix, c)
+        h = harness.make_tensor(ctx, s.tokens, s.dh, seed=5)
+    calls = {
+        "router": lambda: fused_router_topk(x, p.router_weight, s.top_k),
+        "gate_up": lambda: expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights,
+                                          experts, c),
+        "down": lambda: expert_down(h_mix, p.down_weight, lora, a_mix, c),
+        "gru": lambda: fused_lowrank_gru(h, y, x, p.gru_weight_z, p.gru_weight_r,
+                                         p.gru_weight_o, p.gru_bias_o, p.gru_weight_g),
+    }
+    steps = {n: harness.function_step(ctx, fn, None, []) for n, fn in calls.items()}
+    times = interleaved(steps, rounds, warmup)
+    medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    return {"median_ms": medians, "round_ms": sum(medians.values()),
+            "gru_share": medians["gru"] / sum(medians.values())}
+
+
+def memory(ctx: BenchContext) -> dict[str, Any]:
+    """Saved-for-backward bytes per token and CUDA peak of one fwd+bwd, per implementation."""
+    result = {}
+    for impl in ("dense", "reference", "mixlora", "torch", "triton"):
+        module = _module(ctx, impl)
+        x, grad = harness.layer_input(ctx, requires_grad=True)
+
+        def forward(module: torch.nn.Module = module, x: torch.Tensor = x,
+                    grad: torch.Tensor = grad) -> tuple[tuple, tuple]:
+            return (module(x),), (grad,)
+
+        if ctx.device.type == "cuda":  # warm-up: workspaces and compilation out of the peak
+            torch.autograd.backward(*forward())
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+        result[impl] = harness.measure_memory(ctx, forward, exclude=module.parameters())
+        del module, x, grad
+        _free(ctx)
+    return result
+
+
+def _free(ctx: BenchContext) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+        torch.cuda.empty_cache()
+
+
+def step_benchmarks(sc: StepContext) -> None:
+    shape = DRY_BENCH if sc.dry_run else LLAMA
+    ctx = bench_context(shape, sc.device)
+    rounds, warmup = (2, 1) if sc.dry_run else (10, 3)
+    sc.rec.check("config", lambda: {"shape": shape.as_info(), "timed_rounds": rounds,
+                                    "warmup_calls": warmup, "device": str(sc.device),
+                                    "timing": "interleaved, synchronize + perf_counter"})
+    sc.rec.check("layer", lambda: layer_timings(ctx, rounds, warmup))
+    sc.rec.check("kernels", lambda: kernel_timings(ctx, rounds, warmup))
+    sc.rec.check("rounds_T1_to_T5", lambda: round_timings(ctx, rounds, warmup))
+    sc.rec.check("memory", lambda: memory(ctx))
+
+
+# --------------------------------------------------------------------------- 4. compile, tools
+
+
+PROBE_SHAPE = BenchShape("probe", 512, 1408, 8, 2, 16, 2, 51, 256, torch.bfloat16)
+
+
+def probe() -> None:
+    """One small triton fwd+bwd (two rounds): what compute-sanitizer and ncu run."""
+    ctx = bench_context(PROBE_SHAPE, device_for(False))
+    layer = harness.build_layer(ctx, "triton")
+    x, grad = harness.layer_input(ctx, requires_grad=True)
+    harness.module_step(ctx, layer, x, grad, "fwd_bwd").run()
+    print("probe done", flush=True)
+
+
+def _tool(cmd: list[str], timeout: float) -> dict[str, Any]:
+    if shutil.which(cmd[0]) is None:
+        raise Skip(f"{cmd[0]} is not on PATH")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:
+        return {"status": "FAIL", "reason": f"timed out after {timeout} s",
+                "output_tail": (err.stdout or b"")[-3000:]}
+    tail = (done.stdout + done.stderr)[-4000:]
+    return {"status": "PASS" if done.returncode == 0 else "FAIL", "returncode": done.returncode,
+            "command": " ".join(cmd), "output_tail": tail}
+
+
+def step_compile(sc: StepContext) -> None:
+    from graphmoe_fused.kernels import compile_report
+
+    def report() -> dict[str, Any]:
+        if sc.dry_run:  # one module for the Hopper target: the code path, in seconds
+            modules, arch = ("routing.router_topk",), 90
+        else:
+            major, minor = torch.cuda.get_device_capability(sc.device)
+            modules, arch = compile_report.DEFAULT_MODULES, 10 * major + minor
+        if arch not in compile_report.SHARED_LIMIT:
+            raise Skip(f"the compile report knows sm_80 and sm_90, not sm_{arch}")
+        rows = compile_report.run_report(modules, (arch,), jobs=min(16, os.cpu_count() or 1))
+        bad = [r for r in rows if not r.ok]
+        print(compile_report.format_table(rows), flush=True)
+        return {"status": "FAIL" if bad else "PASS", "arch": arch, "compiles": len(rows),
+                "not_ok": [f"{r.kernel} {r.config}: {r.error or 'spill/shared/tensor cores'}"
+                           for r in bad],
+                "max_registers": max(r.registers for r in rows),
+                "spills": {f"{r.kernel} {r.config}": r.spill_bytes for r in rows
+                           if r.spill_bytes > 0},
+                "rows": [{k: getattr(r, k) for k in ("kernel", "config", "registers",
+                                                     "spill_bytes", "shared_bytes")}
+                         for r in rows]}
+
+    probe_cmd = [sys.executable, "-m", "bench.gpu_check", "--probe"]
+
+    def needs_gpu() -> None:
+        if sc.device.type != "cuda":
+            raise Skip("no CUDA device (dry run on CPU)")
+
+    def sanitizer() -> dict[str, Any]:
+        needs_gpu()
+        return _tool(["compute-sanitizer", "--tool", "memcheck", "--print-limit", "20",
+                      *probe_cmd], timeout=120)
+
+    def ncu() -> dict[str, Any]:
+        needs_gpu()
+        return _tool(["ncu", "--clock-control", "none", "--section", "SpeedOfLight",
+                      "--kernel-name", "regex:expert", "--launch-skip", "4", "--launch-count",
+                      "3", *probe_cmd], timeout=120)
+
+    sc.rec.check("compile_report", report)
+    sc.rec.check("compute_sanitizer", sanitizer)
+    sc.rec.check("ncu", ncu)
+
+
+STEPS: dict[str, Callable[[StepContext], None]] = {
+    "environment": step_environment,
+    "correctness": step_correctness,
+    "benchmarks": step_benchmarks,
+    "compile": step_compile,
+}
+
+
+def run_step(name: str, dry_run: bool, result_path: str, deadline: float, margin: float) -> int:
+    """The child's side: runs step ``name``, its checks recorded in ``result_path``."""
+    rec = Recorder(result_path, deadline, margin)
+    rec.flush()
+    inject(name)
+    STEPS[name](StepContext(dry_run, device_for(dry_run), rec))
+    return 0
