@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -46,6 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "work; the paper trains with 0.05)",
     )
     group.addoption(
+        "--bench-rounds", type=int, default=None,
+        help="self-rethinking rounds T of the benchmarked layers (default: the shape's)",
+    )
+    group.addoption(
         "--bench-keep-intermediates", action="store_true", default=None,
         help="build layers with recompute_intermediates=False (save the base gate/up products "
              "for backward instead of recomputing them: more memory, fewer GEMMs)",
@@ -72,8 +77,14 @@ def _context(config: pytest.Config) -> BenchContext:
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    shape = resolve_shape(_option(config, "--bench-shape"), device)
+    rounds = _option(config, "--bench-rounds")
+    if rounds is not None:
+        if int(rounds) < 1:
+            raise pytest.UsageError(f"--bench-rounds {rounds}: need T >= 1")
+        shape = dataclasses.replace(shape, num_rounds=int(rounds))
     ctx = BenchContext(
-        shape=resolve_shape(_option(config, "--bench-shape"), device),
+        shape=shape,
         device=device,
         budget_s=float(_option(config, "--bench-budget", "GRAPHMOE_BENCH_BUDGET") or 2.0),
         min_rounds=int(_option(config, "--bench-min-rounds") or 3),
