@@ -34,7 +34,7 @@ class KernelSpec:
         note: one line on the shape or the variant.
         known_spills: ``{arch: bytes}``, a spill the kernel is known to have on that
             architecture, with the reason in ``note``: the report marks it, and the report test
-            fails if it grows. Empty for every kernel that compiles clean (all but one).
+            fails if it grows. Empty for every kernel that compiles clean (all of them today).
     """
 
     name: str

@@ -24,9 +24,20 @@ from graphmoe_fused.kernels.compile_report import (
 
 SPECS = collect_specs()
 KERNELS = {"routing.router_topk", "gru.gates", "gru.gates[h=0,cand=x,tanh]", "gru.update",
-           "gru.project", "expert.lora_in", "expert.gate_up", "expert.down",
+           "gru.project", "expert.lora_in", "expert.gate_up", "expert.gate_up[save_base]",
+           "expert.a_mix_reduce",
+           "expert.down",
            "expert.backward.project", "expert.backward.dh_base", "expert.backward.gate_up",
            "expert.backward.dx"}
+# The backward's variants: fp16 of every kernel, r = 64 (n = 4) of those with a rank constexpr,
+# and the token-reduction kernel split out of gate_up.
+KERNELS |= {f"expert.backward.{k}{v}" for k, v in (
+    ("gate_up_wgrad", ""), *((k, "[fp16]") for k in ("project", "dh_base", "gate_up",
+                                                     "gate_up_wgrad", "dx")),
+    *((k, "[r=64]") for k in ("gate_up", "gate_up_wgrad", "dx")))} | {f"gru_bwd.{n}" for n in (
+    "gates", "gates[h=0,cand=x,tanh]", "gates[fp16]", "candidate",
+    "candidate[fp16,tanh,deterministic]", "reset", "input[h]", "input[y,cand=y]",
+    "input[x,cand=x]", "weight", "weight[fp16,deterministic]")}
 REPORT = "graphmoe_fused.kernels.compile_report"
 
 
@@ -68,7 +79,8 @@ def test_kernel_compiles_clean(report, index):
         # Only a spill the spec declares (with its reason) is tolerated, and only up to its size.
         if r["spill_bytes"] > spec.known_spills.get(r["arch"], 0):
             problems.append(f"{where}: spills {r['spill_bytes']} B/thread")
-        if not 0 < r["shared_bytes"] <= SHARED_LIMIT[r["arch"]]:
+        # A kernel without a matrix product may need no shared memory at all.
+        if not int(spec.tensor_cores) <= r["shared_bytes"] <= SHARED_LIMIT[r["arch"]]:
             problems.append(f"{where}: shared memory {r['shared_bytes']} B")
         if spec.tensor_cores and not r["tensor_core_instructions"]:
             problems.append(f"{where}: no tensor-core instruction")
@@ -115,7 +127,7 @@ def test_ok_rules():
 def test_known_spills_are_few_and_explained():
     # A declared spill is a defect on record, not a licence: each names its reason in the note.
     declared = [s for s in SPECS if s.known_spills]
-    assert [s.name for s in declared] == ["expert.backward.gate_up"]
+    assert [s.name for s in declared] == []  # none today; a new one must be added here
     assert all("spill" in s.note for s in declared)
 
 

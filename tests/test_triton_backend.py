@@ -434,9 +434,13 @@ def test_saved_base_products_give_the_recomputed_gradients(dropout):
         ref.train(dropout > 0)
         x = inputs((2, 5), seed=13)
         torch.manual_seed(3)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, grads = grads_of(tri, x, with_aux=True)
         results[recompute] = (y, grads, sum(saved))
         torch.manual_seed(3)

@@ -33,12 +33,19 @@ Launches:
    base GEMM. It is written once and read by the gate/up backward; fusing it there as a third
    accumulator of the ``d``-loop would keep a third fp32 tile live through the slot epilogue.
 3. ``_gate_up_backward_kernel``, over (token block, ``D'`` tile): recomputes ``G, U`` (a dual
-   ``d``-loop, or loads the saved ones), then per slot the masked-dense LoRA deltas (as the
-   forward), ``h_j``, the masked-dense ``A_D^T b`` and the dropout mask, the SwiGLU backward in
-   fp32, ``∂w_j`` reduced over the tile, ``dG, dU`` summed in registers and written once, the
-   rank-``r`` ``da_j`` (``dgate_j @ B_cat^T``, block ``e_j`` kept), and the token reductions
-   ``∂B_G, ∂B_U, ∂A_D`` as ``[n·R, BLOCK_N]`` masked-dense products ``operand^T @ tile`` chunk by
-   chunk. ``∂w`` and ``da`` are sums over ``D'`` tiles, ``∂B_*``/``∂A_D`` over token blocks.
+   ``d``-loop, writing them rounded to the compute dtype to a workspace for 3b, or loads the
+   saved ones), then per slot the masked-dense LoRA deltas (as the forward), ``h_j``, the
+   masked-dense ``A_D^T b`` and the dropout mask, the SwiGLU backward in fp32, ``∂w_j`` reduced
+   over the tile, ``dG, dU`` summed in registers and written once, and the rank-``r`` ``da_j``
+   (``dgate_j @ B_cat^T``, block ``e_j`` kept). ``∂w`` and ``da`` are sums over ``D'`` tiles.
+   3b. ``_gate_up_wgrad_kernel``, same tiles: the token reductions ``∂B_G, ∂B_U, ∂A_D`` as
+   ``[n·R, BLOCK_N]`` masked-dense products ``operand^T @ tile`` chunk by chunk (sums over token
+   blocks). It re-derives ``dgate_j, dup_j, drop_j(h_j)`` from ``G, U``, ``dh_base`` and the
+   rank-``r`` inputs with the same jit helper as 3 (``_slot_backward``): the rank-``r`` products
+   again, no ``d``-loop. Fused into 3, they kept it at sm_80's 255-register cap and spilled
+   24-32 bytes in every config; apart, both compile spill-free (compile report). The cost: the
+   ``[M, D']`` ``G, U`` workspace when recomputing (written once, read once) and 3 rank-``r``
+   masked-dense products per slot done twice.
 4. ``_dx_kernel``, over (token block, ``d`` tile): ``dG W_G + dU W_U`` (one K-loop over ``D'``,
    each weight tile once per operand), the LoRA path as masked-dense K-steps whose operand is
    gathered from the per-slot ``da`` (``Σ_j`` in block ``e_j``, so repeated experts add up), the x
@@ -259,28 +266,100 @@ def _lora_cfg(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
                           "LORA_CHUNK": chunk}, num_warps=warps, num_stages=stages)
 
 
-# Live through the slot epilogue: gate, up, dG, dU (fp32) and the slot's dgate, dup and
-# drop(h) operands (compute dtype), next to one chunk of each masked-dense product. Compile
-# report (llama3-8b, bf16, dropout on): every config below is spill-free on sm_90, but on sm_80
-# each still spills 24-32 bytes at 255 registers (64×64 tiles spill ~600 bytes there and are
-# left out; 32×32 spills on sm_90 too). The pressure does not shrink with the tile, so it is the
-# epilogue's addressing, not the accumulators: splitting the token-reduction products (∂B_G,
-# ∂B_U, ∂A_D) into a second kernel is the known next step (not done).
+# 3a. Live through the slot epilogue: gate, up, dG, dU (fp32), the slot's dgate, dup (compute
+# dtype) and the rank-r da accumulators, next to one chunk of each masked-dense product. With
+# the token reductions in 3b (below) the sm_80 compile keeps under its 255-register cap; it
+# spilled 24-32 bytes there in every config while they were fused here (compile report).
 _GATE_UP_BWD_GPU = [
     _lora_cfg(32, 64, 64, 8, 3), _lora_cfg(32, 64, 32, 8, 4), _lora_cfg(64, 32, 64, 8, 3),
+    _lora_cfg(16, 64, 64, 8, 3), _lora_cfg(16, 128, 64, 8, 3),
 ]
+# R_PAD > 16 (one expert per chunk or wider): [BM, R] da accumulators and [BM, R] chunk
+# products; only the 16-row tiles stay spill-free on sm_80 and sm_90 (32-row tiles spill 8-40 B
+# at r = 64).
+_GATE_UP_BWD_WIDE_RANK = [c for c in _GATE_UP_BWD_GPU if c.kwargs["BLOCK_M"] <= 16]
 GATE_UP_BWD_CONFIGS = [_INTERPRET_LORA] if INTERPRET else _GATE_UP_BWD_GPU
+
+
+def _gate_up_prune(configs, named_args, **kwargs):
+    """``prune_small_m``, then the 16-row tiles only when ``R_PAD > 16`` (where wider ones
+    spill)."""
+    kept = prune_small_m(configs, named_args, **kwargs)
+    if {**named_args, **kwargs}.get("R_PAD", 16) > 16:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 16] or kept
+    return kept
+
+
+@triton.jit
+def _slot_backward(gate, up, e_j, e_prev, w_j, j, rows, row_ok, cols, col_ok, N,
+                   dhb_ptr, stride_dhb, a_gu_ptr, b_ptr, bg_ptr, bu_ptr, ad_ptr, keys_ptr,
+                   dropout_scale,
+                   RANK: tl.constexpr, R_PAD: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, CH: tl.constexpr):
+    """Slot ``j`` of one (token block, ``D'`` tile), shared by 3a and 3b so both derive the same
+    values: ``gate_j, up_j`` in place from slot ``j - 1``'s (expert ``e_prev``; the base
+    ``G, U`` for the first slot) with ``(a_j − a_{j−1}) @ B`` as the forward, ``q = A_D[e_j]^T
+    b_{e_j}`` (the down LoRA's share of ``∂L/∂h_j``), the mask, and the SwiGLU backward in fp32.
+    Returns ``(gate_j, up_j, h_j, g_j, dgate_j, dup_j, drop_j(h_j))``."""
+    DTYPE: tl.constexpr = dhb_ptr.dtype.element_ty
+    NR: tl.constexpr = NUM_EXPERTS * R_PAD
+    NRU: tl.constexpr = NUM_EXPERTS * RANK
+    moved = (e_prev != e_j)[:, None]
+    for c0 in tl.range(0, NR, CH, num_stages=1):
+        lc = c0 + tl.arange(0, CH)
+        l_exp = (lc // R_PAD)[None, :]
+        new_blk = (l_exp == e_j[:, None]) & moved
+        old_blk = (l_exp == e_prev[:, None]) & moved
+        a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
+        sign = tl.where(old_blk, -1.0, 1.0)  # through fp32: see the forward
+        a_g = (tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
+        a_u = (tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
+        lc64 = lc.to(tl.int64)
+        gate = mma(a_g, load_tile(bg_ptr, lc64, lc < NR, N, cols, N), gate, INTERP_BF16)
+        up = mma(a_u, load_tile(bu_ptr, lc64, lc < NR, N, cols, N), up, INTERP_BF16)
+
+    q = tl.zeros(gate.shape, dtype=tl.float32)
+    for c0 in tl.range(0, NR, CH, num_stages=1):
+        lc = c0 + tl.arange(0, CH)
+        b_t = _masked_rank_t(b_ptr, rows, row_ok, NRU, lc, e_j, R_PAD, RANK, True)
+        q = mma(tl.trans(cast_rne(b_t, DTYPE, INTERP_BF16)),
+                load_tile(ad_ptr, lc.to(tl.int64), lc < NR, N, cols, N), q, INTERP_BF16)
+
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h = silu * up
+    if HAS_DROPOUT:
+        keep = keep_mask(tl.load(keys_ptr + 2 + j), rows, cols, tl.load(keys_ptr))
+        q = tl.where(keep, q * dropout_scale, 0.0)
+        h_drop = tl.where(keep, h * dropout_scale, 0.0)
+    else:
+        h_drop = h
+    g = load_tile(dhb_ptr, rows, row_ok, stride_dhb, cols, N).to(tl.float32) + q
+    dh = g * w_j[:, None]
+    dup = dh * silu
+    dgate = dh * up * (sig + silu * (1.0 - sig))
+    return gate, up, h, g, dgate, dup, h_drop
+
+
+@triton.jit
+def _slot_expert(idx_ptr, w_ptr, rows, row_ok, j, NUM_EXPERTS: tl.constexpr,
+                 TOP_K: tl.constexpr):
+    """Slot ``j``'s expert (``-1`` for an id outside ``[0, n)``: no LoRA, the forward's rule)
+    and weight."""
+    e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
+    e_j = tl.where((e_j >= 0) & (e_j < NUM_EXPERTS), e_j, -1).to(tl.int32)
+    w_j = tl.load(w_ptr + rows * TOP_K + j, mask=row_ok, other=0.0)
+    return e_j, w_j
 
 
 @triton.jit
 def _gate_up_backward_kernel(
     x_ptr, wg_ptr, wu_ptr, gs_ptr, us_ptr, dhb_ptr, a_gu_ptr, b_ptr,
     bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
-    dg_ptr, du_ptr, dw_ptr, da_ptr, dbg_ptr, dbu_ptr, dad_ptr,
+    dg_ptr, du_ptr, dw_ptr, da_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_gs, stride_us, stride_dhb, stride_dg, stride_du,
     scaling, dropout_scale,
-    num_groups, blocks_per_group,
     M_BUCKET,
     RANK: tl.constexpr, R_PAD: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     RECOMPUTE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -290,12 +369,136 @@ def _gate_up_backward_kernel(
 ):
     DTYPE: tl.constexpr = dhb_ptr.dtype.element_ty
     NR: tl.constexpr = NUM_EXPERTS * R_PAD  # rows of the padded [n·R, ·] LoRA matrices
-    NRU: tl.constexpr = NUM_EXPERTS * RANK  # columns of b (unpadded, as B_D is stored)
     # Chunks hold whole expert blocks (as the forward): max(LORA_CHUNK, R_PAD) columns.
     CH: tl.constexpr = LORA_CHUNK + (R_PAD - LORA_CHUNK) * (R_PAD > LORA_CHUNK)
     EPC: tl.constexpr = CH // R_PAD
-    # Column tiles outermost, token groups fastest: the programs sharing a W_G / W_U tile (the
-    # big operand) run side by side and find it in L2.
+    # One (token block, D' tile) per program: column tiles outermost, token blocks fastest, so
+    # the programs sharing a W_G / W_U tile (the big operand) run side by side and find it in L2.
+    num_m_blocks = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_n = pid // num_m_blocks
+    mb = pid % num_m_blocks
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    cols = offs_n.to(tl.int64)
+    rows = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < M
+    ri = tl.arange(0, R_PAD)
+    # Deterministic partials: one [M, k] (∂w) / [M, k, 2, R] (da) slice per D' tile.
+    if DETERMINISTIC:
+        dw_base = dw_ptr + pid_n.to(tl.int64) * M * TOP_K
+        da_base = da_ptr + pid_n.to(tl.int64) * M * (TOP_K * 2 * R_PAD)
+    else:
+        dw_base = dw_ptr
+        da_base = da_ptr
+
+    # ---- G, U: recomputed (x tile loaded once for both) or the forward's ----------------------
+    if RECOMPUTE:
+        gate, up = dot_k2(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                          x_ptr, rows, row_ok, stride_xm, wg_ptr, stride_wg, wu_ptr,
+                          stride_wu, cols, col_ok, K, K, BLOCK_K, INTERP_BF16)
+        # The workspace 3b reads (in the compute dtype, as the forward would have saved them).
+        store_rounded(gs_ptr, gate, rows, row_ok, stride_gs, cols, col_ok, INTERP_BF16)
+        store_rounded(us_ptr, up, rows, row_ok, stride_us, cols, col_ok, INTERP_BF16)
+    else:
+        gate = load_tile(gs_ptr, rows, row_ok, stride_gs, cols, N).to(tl.float32)
+        up = load_tile(us_ptr, rows, row_ok, stride_us, cols, N).to(tl.float32)
+
+    dG = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dU = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    e_prev = tl.full((BLOCK_M,), -1, dtype=tl.int32)
+    for j in tl.range(0, TOP_K, num_stages=1):
+        e_j, w_j = _slot_expert(idx_ptr, w_ptr, rows, row_ok, j, NUM_EXPERTS, TOP_K)
+        gate, up, h, g, dgate, dup, h_drop = _slot_backward(
+            gate, up, e_j, e_prev, w_j, j, rows, row_ok, cols, col_ok, N, dhb_ptr, stride_dhb,
+            a_gu_ptr, b_ptr, bg_ptr, bu_ptr, ad_ptr, keys_ptr, dropout_scale,
+            RANK, R_PAD, NUM_EXPERTS, HAS_DROPOUT, INTERP_BF16, CH)
+        e_prev = e_j
+        # ∂w_j = <h_j, g_j>: this tile's share of the D' sum.
+        dw_part = tl.sum(h * g, axis=1)
+        if DETERMINISTIC:
+            tl.store(dw_base + rows * TOP_K + j, dw_part, mask=row_ok)
+        else:
+            tl.atomic_add(dw_base + rows * TOP_K + j, dw_part, mask=row_ok, sem="relaxed")
+        dG += dgate
+        dU += dup
+        dgate_c = cast_rne(dgate, DTYPE, INTERP_BF16)
+        dup_c = cast_rne(dup, DTYPE, INTERP_BF16)
+
+        # -- da_j = B^T dgate_j over this D' tile (block e_j kept, reshaped out of its chunk as
+        #    the forward's a_mix).
+        da_g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        da_u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for c0 in tl.range(0, NR, CH, num_stages=1):
+            lc = c0 + tl.arange(0, CH)
+            lc_ok = lc < NR
+            lc64 = lc.to(tl.int64)
+            chunk_exp = c0 // R_PAD + tl.arange(0, EPC)
+            sel = chunk_exp[None, :, None] == e_j[:, None, None]
+            part = mma(dgate_c, load_tile_t(bg_ptr, lc64, lc_ok, N, cols, N),
+                       tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
+            part = tl.where(sel, tl.reshape(part, (BLOCK_M, EPC, R_PAD)), 0.0)
+            da_g += tl.sum(part, axis=1)
+            part = mma(dup_c, load_tile_t(bu_ptr, lc64, lc_ok, N, cols, N),
+                       tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
+            part = tl.where(sel, tl.reshape(part, (BLOCK_M, EPC, R_PAD)), 0.0)
+            da_u += tl.sum(part, axis=1)
+
+        da_ptrs = da_base + rows[:, None] * (TOP_K * 2 * R_PAD) + j * 2 * R_PAD + ri[None, :]
+        da_mask = row_ok[:, None] & (ri < R_PAD)[None, :]
+        if DETERMINISTIC:
+            tl.store(da_ptrs, da_g * scaling, mask=da_mask)
+            tl.store(da_ptrs + R_PAD, da_u * scaling, mask=da_mask)
+        else:
+            tl.atomic_add(da_ptrs, da_g * scaling, mask=da_mask, sem="relaxed")
+            tl.atomic_add(da_ptrs + R_PAD, da_u * scaling, mask=da_mask, sem="relaxed")
+
+    store_rounded(dg_ptr, dG, rows, row_ok, stride_dg, cols, col_ok, INTERP_BF16)
+    store_rounded(du_ptr, dU, rows, row_ok, stride_du, cols, col_ok, INTERP_BF16)
+
+
+_gate_up_backward_tuned = triton.autotune(
+    configs=GATE_UP_BWD_CONFIGS,
+    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "RECOMPUTE", "HAS_DROPOUT",
+         "DETERMINISTIC"],
+    prune_configs_by={"early_config_prune": _gate_up_prune},
+    # Benchmarking relaunches: the reductions must start from zero each time.
+    reset_to_zero=["dw_ptr", "da_ptr"],
+)(_gate_up_backward_kernel)
+
+
+# 3b. The token reductions ∂B_G, ∂B_U, ∂A_D. Per slot it re-derives dgate_j, dup_j, drop_j(h_j)
+# from G, U (saved, or 3a's workspace), dh_base and the rank-r inputs (the rank-r products of
+# 3a again, no d-loop), then adds operand_j^T @ tile into the [n·R, D'] gradients chunk by chunk.
+def _wgrad_cfg(block_m: int, block_n: int, warps: int, stages: int,
+               chunk: int = 16) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "LORA_CHUNK": chunk},
+                         num_warps=warps, num_stages=stages)
+
+
+_WGRAD_GPU = [_wgrad_cfg(32, 64, 8, 2), _wgrad_cfg(16, 64, 8, 2)]
+_INTERPRET_WGRAD = _wgrad_cfg(16, 16, 4, 1)
+WGRAD_CONFIGS = [_INTERPRET_WGRAD] if INTERPRET else _WGRAD_GPU
+
+
+@triton.jit
+def _gate_up_wgrad_kernel(
+    gs_ptr, us_ptr, dhb_ptr, a_gu_ptr, b_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
+    dbg_ptr, dbu_ptr, dad_ptr,
+    M, N,
+    stride_gs, stride_us, stride_dhb,
+    dropout_scale,
+    num_groups, blocks_per_group,
+    M_BUCKET,
+    RANK: tl.constexpr, R_PAD: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LORA_CHUNK: tl.constexpr,
+):
+    DTYPE: tl.constexpr = dhb_ptr.dtype.element_ty
+    NR: tl.constexpr = NUM_EXPERTS * R_PAD
+    NRU: tl.constexpr = NUM_EXPERTS * RANK
+    CH: tl.constexpr = LORA_CHUNK + (R_PAD - LORA_CHUNK) * (R_PAD > LORA_CHUNK)
     num_m_blocks = tl.cdiv(M, BLOCK_M)
     # Atomic mode: one token block per program (autotuning may change BLOCK_M, so the kernel
     # derives the grouping); deterministic mode: the host's fixed number of token groups.
@@ -308,113 +511,34 @@ def _gate_up_backward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
     cols = offs_n.to(tl.int64)
-    ri = tl.arange(0, R_PAD)
-    # Deterministic partials: one [M, k] (∂w) / [M, k, 2, R] (da) slice per D' tile, one
-    # [n·R, D'] slab per token group.
+    # Deterministic mode: one [n·R, D'] slab per token group.
     if DETERMINISTIC:
-        dw_base = dw_ptr + pid_n.to(tl.int64) * M * TOP_K
-        da_base = da_ptr + pid_n.to(tl.int64) * M * (TOP_K * 2 * R_PAD)
         slab = pid_g.to(tl.int64) * NR * N
     else:
-        dw_base = dw_ptr
-        da_base = da_ptr
         slab = 0
-    if HAS_DROPOUT:
-        threshold = tl.load(keys_ptr)
     first = pid_g * blocks_per_group
     last = tl.minimum(first + blocks_per_group, num_m_blocks)
     for mb in range(first, last):
         rows = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < M
-
-        # ---- G, U: recomputed (x tile loaded once for both) or the forward's -------------------
-        if RECOMPUTE:
-            gate, up = dot_k2(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                              x_ptr, rows, row_ok, stride_xm, wg_ptr, stride_wg, wu_ptr,
-                              stride_wu, cols, col_ok, K, K, BLOCK_K, INTERP_BF16)
-        else:
-            gate = load_tile(gs_ptr, rows, row_ok, stride_gs, cols, N).to(tl.float32)
-            up = load_tile(us_ptr, rows, row_ok, stride_us, cols, N).to(tl.float32)
-
-        dG = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dU = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        gate = load_tile(gs_ptr, rows, row_ok, stride_gs, cols, N).to(tl.float32)
+        up = load_tile(us_ptr, rows, row_ok, stride_us, cols, N).to(tl.float32)
         e_prev = tl.full((BLOCK_M,), -1, dtype=tl.int32)
-        for j in tl.static_range(TOP_K):
-            e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
-            # Ids outside [0, n) match no block: no LoRA for that slot (the forward's rule).
-            e_j = tl.where((e_j >= 0) & (e_j < NUM_EXPERTS), e_j, -1).to(tl.int32)
-            w_j = tl.load(w_ptr + rows * TOP_K + j, mask=row_ok, other=0.0)
-
-            # -- gate_j, up_j in place from slot j-1's with (a_j - a_{j-1}) @ B, as the forward.
-            moved = (e_prev != e_j)[:, None]
-            for c0 in tl.range(0, NR, CH, num_stages=1):
-                lc = c0 + tl.arange(0, CH)
-                l_exp = (lc // R_PAD)[None, :]
-                new_blk = (l_exp == e_j[:, None]) & moved
-                old_blk = (l_exp == e_prev[:, None]) & moved
-                a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
-                sign = tl.where(old_blk, -1.0, 1.0)  # through fp32: see the forward
-                a_g = (tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-                a_u = (tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-                lc64 = lc.to(tl.int64)
-                gate = mma(a_g, load_tile(bg_ptr, lc64, lc < NR, N, cols, N), gate, INTERP_BF16)
-                up = mma(a_u, load_tile(bu_ptr, lc64, lc < NR, N, cols, N), up, INTERP_BF16)
+        for j in tl.range(0, TOP_K, num_stages=1):
+            e_j, w_j = _slot_expert(idx_ptr, w_ptr, rows, row_ok, j, NUM_EXPERTS, TOP_K)
+            gate, up, h, g, dgate, dup, h_drop = _slot_backward(
+                gate, up, e_j, e_prev, w_j, j, rows, row_ok, cols, col_ok, N, dhb_ptr,
+                stride_dhb, a_gu_ptr, b_ptr, bg_ptr, bu_ptr, ad_ptr, keys_ptr, dropout_scale,
+                RANK, R_PAD, NUM_EXPERTS, HAS_DROPOUT, INTERP_BF16, CH)
             e_prev = e_j
-
-            # -- q = A_D[e_j]^T b_{e_j}: the down LoRA's share of ∂L/∂h_j (before w_j).
-            q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for c0 in tl.range(0, NR, CH, num_stages=1):
-                lc = c0 + tl.arange(0, CH)
-                b_t = _masked_rank_t(b_ptr, rows, row_ok, NRU, lc, e_j, R_PAD, RANK, True)
-                q = mma(tl.trans(cast_rne(b_t, DTYPE, INTERP_BF16)),
-                        load_tile(ad_ptr, lc.to(tl.int64), lc < NR, N, cols, N), q, INTERP_BF16)
-
-            sig = tl.sigmoid(gate)
-            silu = gate * sig
-            h = silu * up
-            if HAS_DROPOUT:
-                keep = keep_mask(tl.load(keys_ptr + 2 + j), rows, cols, threshold)
-                q = tl.where(keep, q * dropout_scale, 0.0)
-                h_drop = tl.where(keep, h * dropout_scale, 0.0)
-            else:
-                h_drop = h
-            g = load_tile(dhb_ptr, rows, row_ok, stride_dhb, cols, N).to(tl.float32) + q
-            # ∂w_j = <h_j, g_j>: this tile's share of the D' sum.
-            dw_part = tl.sum(h * g, axis=1)
-            if DETERMINISTIC:
-                tl.store(dw_base + rows * TOP_K + j, dw_part, mask=row_ok)
-            else:
-                tl.atomic_add(dw_base + rows * TOP_K + j, dw_part, mask=row_ok, sem="relaxed")
-            dh = g * w_j[:, None]
-            dup = dh * silu
-            dgate = dh * up * (sig + silu * (1.0 - sig))
-            dG += dgate
-            dU += dup
             dgate_c = cast_rne(dgate, DTYPE, INTERP_BF16)
             dup_c = cast_rne(dup, DTYPE, INTERP_BF16)
             h_c = cast_rne(h_drop, DTYPE, INTERP_BF16)
-
-            # -- da_j = B^T dgate_j over this D' tile (block e_j kept, reshaped out of its
-            #    chunk as the forward's a_mix), and the token reductions of ∂B_G, ∂B_U, ∂A_D:
-            #    operand_j^T @ tile for the n·R rows of this chunk, zero outside block e_j.
-            da_g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            da_u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            # operand_j^T @ tile for the n·R rows of this chunk, zero outside block e_j.
             for c0 in tl.range(0, NR, CH, num_stages=1):
                 lc = c0 + tl.arange(0, CH)
                 lc_ok = lc < NR
                 lc64 = lc.to(tl.int64)
-                chunk_exp = c0 // R_PAD + tl.arange(0, EPC)
-                sel = chunk_exp[None, :, None] == e_j[:, None, None]
-                part = mma(dgate_c, load_tile_t(bg_ptr, lc64, lc_ok, N, cols, N),
-                           tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
-                part = tl.where(sel, tl.reshape(part, (BLOCK_M, EPC, R_PAD)), 0.0)
-                da_g += tl.sum(part, axis=1)
-                part = mma(dup_c, load_tile_t(bu_ptr, lc64, lc_ok, N, cols, N),
-                           tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
-                part = tl.where(sel, tl.reshape(part, (BLOCK_M, EPC, R_PAD)), 0.0)
-                da_u += tl.sum(part, axis=1)
-
                 a_t = _masked_rank_t(a_gu_ptr, rows, row_ok, 2 * NR, lc, e_j, R_PAD, R_PAD,
                                      False)
                 _add_tile(dbg_ptr + slab, mma(a_t, dgate_c, tl.zeros((CH, BLOCK_N), tl.float32),
@@ -431,27 +555,13 @@ def _gate_up_backward_kernel(
                                               INTERP_BF16),
                           lc64, lc_ok, N, cols, col_ok, DETERMINISTIC)
 
-            da_ptrs = da_base + rows[:, None] * (TOP_K * 2 * R_PAD) + j * 2 * R_PAD + ri[None, :]
-            da_mask = row_ok[:, None] & (ri < R_PAD)[None, :]
-            if DETERMINISTIC:
-                tl.store(da_ptrs, da_g * scaling, mask=da_mask)
-                tl.store(da_ptrs + R_PAD, da_u * scaling, mask=da_mask)
-            else:
-                tl.atomic_add(da_ptrs, da_g * scaling, mask=da_mask, sem="relaxed")
-                tl.atomic_add(da_ptrs + R_PAD, da_u * scaling, mask=da_mask, sem="relaxed")
 
-        store_rounded(dg_ptr, dG, rows, row_ok, stride_dg, cols, col_ok, INTERP_BF16)
-        store_rounded(du_ptr, dU, rows, row_ok, stride_du, cols, col_ok, INTERP_BF16)
-
-
-_gate_up_backward_tuned = triton.autotune(
-    configs=GATE_UP_BWD_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "RECOMPUTE", "HAS_DROPOUT",
-         "DETERMINISTIC"],
+_gate_up_wgrad_tuned = triton.autotune(
+    configs=WGRAD_CONFIGS,
+    key=["M_BUCKET", "N", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT", "DETERMINISTIC"],
     prune_configs_by={"early_config_prune": prune_small_m},
-    # Benchmarking relaunches: the reductions must start from zero each time.
-    reset_to_zero=["dw_ptr", "da_ptr", "dbg_ptr", "dbu_ptr", "dad_ptr"],
-)(_gate_up_backward_kernel)
+    reset_to_zero=["dbg_ptr", "dbu_ptr", "dad_ptr"],
+)(_gate_up_wgrad_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,18 +733,19 @@ def _grouped_grid(num_tokens: int, num_cols: int, deterministic: bool):
     return grid
 
 
-def _fixed_config(tuned, config: triton.Config | None, bucket: int) -> triton.Config:
+def _fixed_config(tuned, config: triton.Config | None, bucket: int,
+                  **constexprs: int) -> triton.Config:
     """The one config a deterministic launch runs with: the pinned one, else the first the
     autotuner would consider. Its reduction buffers are shaped by BLOCK_M / BLOCK_N (partials
     per D' tile, slabs per token group), so deterministic mode does not autotune."""
     if config is not None:
         return config
-    return prune_small_m(tuned.configs, {"M_BUCKET": bucket})[0]
+    return _gate_up_prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
 
 
 def _launch_reducing(tuned, kernel, num_tokens: int, num_cols: int, args: tuple, meta: dict,
                      config: triton.Config | None, deterministic: bool) -> None:
-    """Launches the gate/up backward or the dx kernel; the token grouping arguments are
+    """Launches the token-reducing 3b or dx kernel; the token grouping arguments are
     only read in deterministic mode (the kernels derive them otherwise)."""
     bucket = token_bucket(num_tokens)
     groups, per_group = (_token_groups(num_tokens, config.kwargs["BLOCK_M"], True)
@@ -662,7 +773,7 @@ class ExpertBackward(NamedTuple):
     grad_lora_B_down: torch.Tensor  # [n, d, r]
 
 
-_LAUNCHES = ("lora_in", "b_down", "dh_base", "gate_up", "dx")
+_LAUNCHES = ("lora_in", "b_down", "dh_base", "gate_up", "gate_up_wgrad", "dx")
 
 
 @on_device_of("x")
@@ -713,7 +824,7 @@ def expert_round_backward(
         configs: pins launch block shapes instead of autotuning (tests): ``"lora_in"`` and
             ``"b_down"`` (``BLOCK_M/N/K``, ``GROUP_M``), ``"dh_base"`` (same keys),
             ``"gate_up"`` and ``"dx"`` (``BLOCK_M/N/K`` and ``LORA_CHUNK``, a power of two
-            ≥ 16).
+            ≥ 16), ``"gate_up_wgrad"`` (``BLOCK_M/N`` and ``LORA_CHUNK``).
     Returns:
         :class:`ExpertBackward`, all fp32. ``grad_x`` is the experts' part only; the caller
         adds the router's (``∂L/∂logits · R``) and turns ``grad_weights`` into router
@@ -790,39 +901,64 @@ def expert_round_backward(
     dh_base = new_output((num_tokens, inter), dt, x.device)
     _launch_dh_base(grad_y, down_weight, dh_base, configs.get("dh_base"))
 
-    # 3. the gate/up backward. Reduction buffers: plain in atomic mode; per D' tile partials
-    #    and per token group slabs in deterministic mode, summed here in a fixed order.
+    # 3a. the gate/up backward. Reduction buffers (∂w, da, sums over D' tiles): plain in atomic
+    #     mode; per D' tile partials in deterministic mode, summed here in a fixed order. When
+    #     recomputing, G and U go to a workspace that 3b reads.
     recompute = saved_gate_up is None
-    g_saved, u_saved = (x, x) if recompute else saved_gate_up  # never read when recomputing
+    if recompute:
+        g_saved, u_saved = (new_output((num_tokens, inter), dt, x.device) for _ in range(2))
+    else:
+        g_saved, u_saved = saved_gate_up
     grad_gate = new_output((num_tokens, inter), dt, x.device)
     grad_up = new_output((num_tokens, inter), dt, x.device)
     gu_cfg = configs.get("gate_up")
-    n_tiles, slabs = (), ()
+    n_tiles = ()
     if deterministic:
-        gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket)
+        gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket, R_PAD=r_pad)
         n_tiles = (triton.cdiv(inter, gu_cfg.kwargs["BLOCK_N"]),)
-        slabs = (_token_groups(num_tokens, gu_cfg.kwargs["BLOCK_M"], True)[0],)
     dw = zeros(*n_tiles, num_tokens, top_k)
     da = zeros(*n_tiles, num_tokens, top_k, 2, r_pad)
-    dbg, dbu, dad = (zeros(*slabs, n * r_pad, inter) for _ in range(3))
-    _launch_reducing(
-        _gate_up_backward_tuned, _gate_up_backward_kernel, num_tokens, inter,
+    launch(
+        _gate_up_backward_tuned, _gate_up_backward_kernel,
+        tile_grid(num_tokens, inter, "BLOCK_N"),
         (
             x, gate_weight, up_weight, g_saved, u_saved, dh_base, a_gu, b,
             lora.b_gate, lora.b_up, lora.a_down, weights, index, keys,
-            grad_gate, grad_up, dw, da, dbg, dbu, dad,
+            grad_gate, grad_up, dw, da,
             num_tokens, inter, hidden,
             x.stride(0), gate_weight.stride(0), up_weight.stride(0), g_saved.stride(0),
             u_saved.stride(0), dh_base.stride(0), grad_gate.stride(0), grad_up.stride(0),
-            float(scaling), float(dropout_scale),
+            float(scaling), float(dropout_scale), bucket,
         ),
         {"RANK": rank, "R_PAD": r_pad, "NUM_EXPERTS": n, "TOP_K": top_k,
          "RECOMPUTE": recompute, "HAS_DROPOUT": has_dropout, "DETERMINISTIC": deterministic,
          "INTERP_BF16": interpreter_bf16(dt)},
-        gu_cfg, deterministic,
+        gu_cfg,
     )
     if deterministic:
         dw, da = dw.sum(0), da.sum(0)
+
+    # 3b. ∂B_G, ∂B_U, ∂A_D (sums over tokens: per token group slabs in deterministic mode).
+    wg_cfg = configs.get("gate_up_wgrad")
+    slabs = ()
+    if deterministic:
+        wg_cfg = _fixed_config(_gate_up_wgrad_tuned, wg_cfg, bucket)
+        slabs = (_token_groups(num_tokens, wg_cfg.kwargs["BLOCK_M"], True)[0],)
+    dbg, dbu, dad = (zeros(*slabs, n * r_pad, inter) for _ in range(3))
+    _launch_reducing(
+        _gate_up_wgrad_tuned, _gate_up_wgrad_kernel, num_tokens, inter,
+        (
+            g_saved, u_saved, dh_base, a_gu, b, lora.b_gate, lora.b_up, lora.a_down, weights,
+            index, keys, dbg, dbu, dad,
+            num_tokens, inter, g_saved.stride(0), u_saved.stride(0), dh_base.stride(0),
+            float(dropout_scale),
+        ),
+        {"RANK": rank, "R_PAD": r_pad, "NUM_EXPERTS": n, "TOP_K": top_k,
+         "HAS_DROPOUT": has_dropout, "DETERMINISTIC": deterministic,
+         "INTERP_BF16": interpreter_bf16(dt)},
+        wg_cfg, deterministic,
+    )
+    if deterministic:
         dbg, dbu, dad = dbg.sum(0), dbu.sum(0), dad.sum(0)
 
     # 4. dx, ∂A_G, ∂A_U, ∂B_D.
@@ -867,87 +1003,112 @@ def expert_round_backward(
 
 # ---------------------------------------------------------------------------------------------
 # What the compile report builds: the llama3-8b shape of design.md §4 (d=4096, D'=14336, n=8, k=2,
-# r=16, 8192 tokens, bf16), training variants (dropout on; atomic reductions).
+# r=16, 8192 tokens, bf16), training variants (dropout on; atomic reductions), plus fp16 and
+# r = 64 variants (below). Every (spec, config, sm_80/sm_90) compiles without spills.
 # ---------------------------------------------------------------------------------------------
 
-_NUM_EXPERTS, _RANK, _TOP_K = 8, 16, 2
+_TOP_K = 2
 _I32 = "i32"
-COMPILE_SPECS = [
-    KernelSpec(
-        name="expert.backward.project",
-        fn=_project_kernel,
-        types={"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "keys_ptr": "*i64",
-               "M": _I32, "N": _I32, "K": _I32, "stride_am": _I32, "scaling": "fp32",
-               "dropout_scale": "fp32", "M_BUCKET": _I32},
-        constexprs={"HAS_DROPOUT": True, "INTERP_BF16": False},
-        configs=_PROJECT_GPU,
-        aligned=("a_ptr", "w_ptr", "out_ptr", "keys_ptr", "M", "N", "K", "stride_am",
-                 "M_BUCKET"),
-        note="a_gu = c · drop_x(x) · [A_G; A_U]^T (256 columns; b = c · dy B_D^T is the same "
-             "kernel without the mask)",
-    ),
-    KernelSpec(
-        name="expert.backward.dh_base",
-        fn=_dh_base_kernel,
-        types={"dy_ptr": "*bf16", "wd_ptr": "*bf16", "out_ptr": "*bf16", "M": _I32, "N": _I32,
-               "K": _I32, "stride_dym": _I32, "stride_wd": _I32, "stride_om": _I32,
-               "M_BUCKET": _I32},
-        constexprs={"INTERP_BF16": False},
-        configs=_DH_BASE_GPU,
-        aligned=("dy_ptr", "wd_ptr", "out_ptr", "M", "N", "K", "stride_dym", "stride_wd",
-                 "stride_om", "M_BUCKET"),
-        note="dh_base = dy · W_D, once for all slots",
-    ),
-    KernelSpec(
-        name="expert.backward.gate_up",
-        fn=_gate_up_backward_kernel,
-        types={**{name: "*bf16" for name in (
-                   "x_ptr", "wg_ptr", "wu_ptr", "gs_ptr", "us_ptr", "dhb_ptr", "a_gu_ptr",
-                   "bg_ptr", "bu_ptr", "ad_ptr", "dg_ptr", "du_ptr")},
-               **{name: "*fp32" for name in (
-                   "b_ptr", "w_ptr", "dw_ptr", "da_ptr", "dbg_ptr", "dbu_ptr", "dad_ptr")},
-               "idx_ptr": "*i64", "keys_ptr": "*i64",
-               **{name: _I32 for name in (
-                   "M", "N", "K", "stride_xm", "stride_wg", "stride_wu", "stride_gs",
-                   "stride_us", "stride_dhb", "stride_dg", "stride_du", "num_groups",
-                   "blocks_per_group", "M_BUCKET")},
-               "scaling": "fp32", "dropout_scale": "fp32"},
-        constexprs={"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
-                    "TOP_K": _TOP_K, "RECOMPUTE": True, "HAS_DROPOUT": True,
-                    "DETERMINISTIC": False, "INTERP_BF16": False},
-        configs=_GATE_UP_BWD_GPU,
-        aligned=("x_ptr", "wg_ptr", "wu_ptr", "gs_ptr", "us_ptr", "dhb_ptr", "a_gu_ptr",
-                 "bg_ptr", "bu_ptr", "ad_ptr", "dg_ptr", "du_ptr", "b_ptr", "w_ptr", "dw_ptr",
-                 "da_ptr", "dbg_ptr", "dbu_ptr", "dad_ptr", "idx_ptr", "keys_ptr", "M", "N",
-                 "K", "stride_xm", "stride_wg", "stride_wu", "stride_gs", "stride_us",
-                 "stride_dhb", "stride_dg", "stride_du", "M_BUCKET"),
-        note="recomputed dual gate/up GEMM + per-slot LoRA + SwiGLU backward + ∂w, da, "
-             "∂B_G/∂B_U/∂A_D atomics (dropout on); sm_80 spills 24-32 B at its 255-register "
-             "cap in every config (the epilogue's addressing; next: move the token reductions "
-             "to a second kernel)",
-        known_spills={80: 32},
-    ),
-    KernelSpec(
-        name="expert.backward.dx",
-        fn=_dx_kernel,
-        types={**{name: "*bf16" for name in (
-                   "dg_ptr", "du_ptr", "wg_ptr", "wu_ptr", "a_in_ptr", "x_ptr", "dy_ptr")},
-               **{name: "*fp32" for name in ("da_ptr", "a_mix_ptr", "dx_ptr", "dai_ptr",
-                                             "dbd_ptr")},
-               "idx_ptr": "*i64", "keys_ptr": "*i64",
-               **{name: _I32 for name in (
-                   "M", "N", "K", "stride_dg", "stride_du", "stride_wg", "stride_wu",
-                   "stride_xm", "stride_dym", "stride_dxm", "num_groups", "blocks_per_group",
-                   "M_BUCKET")},
-               "scaling": "fp32", "dropout_scale": "fp32"},
-        constexprs={"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
-                    "TOP_K": _TOP_K, "HAS_DROPOUT": True, "DETERMINISTIC": False,
-                    "INTERP_BF16": False},
-        configs=_DX_GPU,
-        aligned=("dg_ptr", "du_ptr", "wg_ptr", "wu_ptr", "a_in_ptr", "x_ptr", "dy_ptr",
-                 "da_ptr", "a_mix_ptr", "dx_ptr", "dai_ptr", "dbd_ptr", "idx_ptr", "keys_ptr",
-                 "M", "N", "K", "stride_dg", "stride_du", "stride_wg", "stride_wu",
-                 "stride_xm", "stride_dym", "stride_dxm", "M_BUCKET"),
-        note="dG W_G + dU W_U + masked-dense LoRA K-steps + ∂A_G/∂A_U/∂B_D atomics",
-    ),
-]
+# (name suffix, compute dtype, n, r): the benchmark shape in bf16; the same in fp16; r = 64 with
+# n = 4 (n·r = 256, the masked-dense limit; R_PAD = 64 > LORA_CHUNK, one expert per chunk).
+# project and dh_base take no rank constexpr (r only changes their runtime N), so they get no
+# r = 64 variant.
+_VARIANTS = (("", "bf16", 8, 16), ("[fp16]", "fp16", 8, 16), ("[r=64]", "bf16", 4, 64))
+
+
+def _lora_constexprs(n: int, rank: int, **flags: bool) -> dict:
+    return {"RANK": rank, "R_PAD": padded_rank(rank), "NUM_EXPERTS": n, "TOP_K": _TOP_K,
+            **flags, "INTERP_BF16": False}
+
+
+def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
+    ptr = f"*{dt}"
+    specs = []
+    if rank == 16:
+        specs += [
+            KernelSpec(
+                name=f"expert.backward.project{suffix}",
+                fn=_project_kernel,
+                types={"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "keys_ptr": "*i64",
+                       "M": _I32, "N": _I32, "K": _I32, "stride_am": _I32, "scaling": "fp32",
+                       "dropout_scale": "fp32", "M_BUCKET": _I32},
+                constexprs={"HAS_DROPOUT": True, "INTERP_BF16": False},
+                configs=_PROJECT_GPU,
+                aligned=("a_ptr", "w_ptr", "out_ptr", "keys_ptr", "M", "N", "K", "stride_am",
+                         "M_BUCKET"),
+                note="a_gu = c · drop_x(x) · [A_G; A_U]^T (256 columns; b = c · dy B_D^T is "
+                     "the same kernel without the mask)",
+            ),
+            KernelSpec(
+                name=f"expert.backward.dh_base{suffix}",
+                fn=_dh_base_kernel,
+                types={"dy_ptr": ptr, "wd_ptr": ptr, "out_ptr": ptr, "M": _I32, "N": _I32,
+                       "K": _I32, "stride_dym": _I32, "stride_wd": _I32, "stride_om": _I32,
+                       "M_BUCKET": _I32},
+                constexprs={"INTERP_BF16": False},
+                configs=_DH_BASE_GPU,
+                aligned=("dy_ptr", "wd_ptr", "out_ptr", "M", "N", "K", "stride_dym",
+                         "stride_wd", "stride_om", "M_BUCKET"),
+                note="dh_base = dy · W_D, once for all slots",
+            ),
+        ]
+    gu_ptrs = ("x_ptr", "wg_ptr", "wu_ptr", "gs_ptr", "us_ptr", "dhb_ptr", "a_gu_ptr", "bg_ptr",
+               "bu_ptr", "ad_ptr", "dg_ptr", "du_ptr")
+    gu_strides = ("stride_xm", "stride_wg", "stride_wu", "stride_gs", "stride_us", "stride_dhb",
+                  "stride_dg", "stride_du")
+    gu_f32 = ("b_ptr", "w_ptr", "dw_ptr", "da_ptr")
+    wg_ptrs = ("gs_ptr", "us_ptr", "dhb_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr")
+    wg_f32 = ("b_ptr", "w_ptr", "dbg_ptr", "dbu_ptr", "dad_ptr")
+    wg_ints = ("M", "N", "stride_gs", "stride_us", "stride_dhb", "num_groups",
+               "blocks_per_group", "M_BUCKET")
+    dx_ptrs = ("dg_ptr", "du_ptr", "wg_ptr", "wu_ptr", "a_in_ptr", "x_ptr", "dy_ptr")
+    dx_f32 = ("da_ptr", "a_mix_ptr", "dx_ptr", "dai_ptr", "dbd_ptr")
+    dx_ints = ("M", "N", "K", "stride_dg", "stride_du", "stride_wg", "stride_wu", "stride_xm",
+               "stride_dym", "stride_dxm", "num_groups", "blocks_per_group", "M_BUCKET")
+    shape = f"n={n}, r={rank}, {dt}"
+    specs += [
+        KernelSpec(
+            name=f"expert.backward.gate_up{suffix}",
+            fn=_gate_up_backward_kernel,
+            types={**dict.fromkeys(gu_ptrs, ptr), **dict.fromkeys(gu_f32, "*fp32"),
+                   "idx_ptr": "*i64", "keys_ptr": "*i64",
+                   **dict.fromkeys(("M", "N", "K", *gu_strides, "M_BUCKET"), _I32),
+                   "scaling": "fp32", "dropout_scale": "fp32"},
+            constexprs=_lora_constexprs(n, rank, RECOMPUTE=True, HAS_DROPOUT=True,
+                                        DETERMINISTIC=False),
+            configs=_GATE_UP_BWD_GPU if rank <= 16 else _GATE_UP_BWD_WIDE_RANK,
+            aligned=(*gu_ptrs, *gu_f32, "idx_ptr", "keys_ptr", "M", "N", "K", *gu_strides,
+                     "M_BUCKET"),
+            note=f"recomputed dual gate/up GEMM (G, U to the workspace) + per-slot LoRA + "
+                 f"SwiGLU backward + ∂w, da atomics (dropout on; {shape})",
+        ),
+        KernelSpec(
+            name=f"expert.backward.gate_up_wgrad{suffix}",
+            fn=_gate_up_wgrad_kernel,
+            types={**dict.fromkeys(wg_ptrs, ptr), **dict.fromkeys(wg_f32, "*fp32"),
+                   "idx_ptr": "*i64", "keys_ptr": "*i64", **dict.fromkeys(wg_ints, _I32),
+                   "dropout_scale": "fp32"},
+            constexprs=_lora_constexprs(n, rank, HAS_DROPOUT=True, DETERMINISTIC=False),
+            configs=_WGRAD_GPU,
+            aligned=(*wg_ptrs, *wg_f32, "idx_ptr", "keys_ptr", "M", "N", "stride_gs",
+                     "stride_us", "stride_dhb", "M_BUCKET"),
+            note=f"per-slot SwiGLU backward re-derived from G, U + ∂B_G/∂B_U/∂A_D atomics "
+                 f"(dropout on; {shape})",
+        ),
+        KernelSpec(
+            name=f"expert.backward.dx{suffix}",
+            fn=_dx_kernel,
+            types={**dict.fromkeys(dx_ptrs, ptr), **dict.fromkeys(dx_f32, "*fp32"),
+                   "idx_ptr": "*i64", "keys_ptr": "*i64", **dict.fromkeys(dx_ints, _I32),
+                   "scaling": "fp32", "dropout_scale": "fp32"},
+            constexprs=_lora_constexprs(n, rank, HAS_DROPOUT=True, DETERMINISTIC=False),
+            configs=_DX_GPU,
+            aligned=(*dx_ptrs, *dx_f32, "idx_ptr", "keys_ptr", *dx_ints[:-3], "M_BUCKET"),
+            note=f"dG W_G + dU W_U + masked-dense LoRA K-steps + ∂A_G/∂A_U/∂B_D atomics "
+                 f"({shape})",
+        ),
+    ]
+    return specs
+
+
+COMPILE_SPECS = [spec for variant in _VARIANTS for spec in _compile_specs(*variant)]

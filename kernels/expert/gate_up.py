@@ -721,7 +721,7 @@ COMPILE_SPECS = [
              "(training variant: the h dropout masks hashed in registers)",
     ),
     KernelSpec(
-        name="expert.gate_up",
+        name="expert.gate_up[save_base]",
         fn=_expert_gate_up_kernel,
         types=_GATE_UP_TYPES,
         constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False,
