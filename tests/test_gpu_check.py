@@ -1,0 +1,63 @@
+"""``python -m bench.gpu_check``, the one command a GPU loan runs, must not rot while no GPU is
+around: its ``--dry-run`` (the same steps on the CPU at tiny shapes, the kernels under the Triton
+interpreter) runs here, and a step that raises or hangs is recorded while the others run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_check(out: Path, *args: str, env: dict[str, str] | None = None
+              ) -> tuple[subprocess.CompletedProcess, dict, str]:
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out",
+                           str(out), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})}, check=False)
+    (json_path,) = out.glob("*.json")
+    (md_path,) = out.glob("*.md")
+    return done, json.loads(json_path.read_text()), md_path.read_text()
+
+
+def test_dry_run_passes_every_step(tmp_path):
+    done, results, report = run_check(tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and {Path(f).suffix for f in files} == {".json", ".md", ".log"}
+    assert files[0].endswith("-cpu-dryrun.json")
+    assert list(results["steps"]) == ["environment", "correctness", "benchmarks", "compile"]
+    for name, step in results["steps"].items():
+        assert step["status"] == "PASS", (name, step)
+        assert step["checks"], name
+        for check, entry in step["checks"].items():
+            assert entry["status"] in ("PASS", "SKIP"), (name, check, entry)
+            if entry["status"] == "SKIP":
+                assert entry["reason"], (name, check)
+    checks = results["steps"]["correctness"]["checks"]
+    assert {"determinism", "hf_training_step"} <= set(checks)
+    assert any("rel_err" in c for c in checks.values())
+    layer = results["steps"]["benchmarks"]["checks"]["layer"]
+    assert {"speedup_vs_reference", "speedup_vs_mixlora", "vs_T_dense"} <= set(
+        layer["fwd_bwd"]["triton"])
+    assert "## Headline" in report
+    assert "| `triton` |" in report and "| `mixlora` |" in report
+
+
+def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
+    # --only keeps the order given: the step after the raising and the hanging ones still runs.
+    done, results, report = run_check(
+        tmp_path, "--only", "correctness", "benchmarks", "environment", "--step-timeout", "15",
+        env={"GRAPHMOE_GPU_CHECK_INJECT": "correctness:raise,benchmarks:hang"})
+    assert done.returncode == 1
+    steps = results["steps"]
+    assert list(steps) == ["correctness", "benchmarks", "environment"]
+    assert steps["correctness"]["status"] == "FAIL"
+    assert "failure injected into step 'correctness'" in steps["correctness"]["traceback"]
+    assert steps["benchmarks"]["status"] == "TIMEOUT"
+    assert "inject" in steps["benchmarks"]["traceback"]  # the hung step's stack
+    assert steps["environment"]["status"] == "PASS"
+    assert "## correctness: FAIL" in report and "## benchmarks: TIMEOUT" in report
