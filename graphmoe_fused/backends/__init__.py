@@ -28,10 +28,10 @@ BACKENDS: dict[str, Backend] = {
 def resolve_backend(name: str, device: Device | str, needs_grad: bool = False) -> str:
     """``auto`` → ``triton`` on CUDA for inference, ``torch`` elsewhere; other names pass through.
 
-    A training step (``needs_grad``) goes to ``torch`` on CUDA too: until the Triton backward
-    kernels exist, the triton backend's backward recomputes the forward with the torch backend,
-    so a triton training step costs a torch step plus the kernels' forward. CUDA without triton
-    (Windows: no wheels) goes to ``torch`` as well, rather than to an import error.
+    A training step (``needs_grad``) goes to ``torch`` on CUDA too, until the Triton backward
+    kernels have been checked and timed on a GPU (``python -m bench.gpu_check``): they have
+    only run under the interpreter so far. ``backend="triton"`` trains on them. CUDA without
+    triton (Windows: no wheels) goes to ``torch`` as well, rather than to an import error.
     """
     if name == "auto":
         device = Device(device)  # also takes "cuda:0"

@@ -16,16 +16,15 @@ and the backward's. ``RoundOptions.deterministic`` makes the gate/up kernel sum 
 its ``D'`` tiles in a fixed order instead of with fp32 atomics, so the forward gives the same
 bits run to run (the next round's routing depends on ``a_mix``).
 
-Training: the backward kernels are a later issue. The forward runs inside a
-``torch.autograd.Function`` that keeps what the kernels computed and the backward needs: the
-router probabilities and chosen experts, the GRU states, the non-final outputs and the round
-inputs (``T - 1`` of each, besides ``x`` and the parameters, which are not copies). Its backward
-is the torch backend's (:func:`graphmoe_fused.backends.torch.rounds.rounds_backward`), run from
-those: nothing is routed or computed forward again except each round's ``D'``-wide activations,
-which that backward recomputes from ``x_t`` anyway. So the gradient is the one of the function
-the kernels computed, with their routing (at a near tie the torch backend's own top-k could pick
-another expert than the router kernel, whose logits are summed in another order), and a triton
-training step costs the kernels' forward plus the torch backend's backward.
+Training: the forward runs as the custom op ``graphmoe_fused::triton_rounds`` (:mod:`.triton_ops`,
+so ``torch.compile`` keeps it as one node), which returns, besides the outputs, what the
+backward needs: the routing, the GRU states, the non-final outputs, the round inputs, each
+round's rank-r ``a_mix`` and, with ``recompute_intermediates=False``, the base gate/up products.
+Its registered backward (``graphmoe_fused::rounds_backward``) runs from those: each round's
+experts and each GRU cell on the backward kernels, the chain over the rounds and the router's
+small softmax/top-k backward in PyTorch. Nothing is routed or run forward again, so the gradient
+is that of the function the kernels computed, with their routing (at a near tie another top-k
+could pick another expert than the router kernel, whose logits are summed in another order).
 
 Devices: CUDA; CPU only under ``TRITON_INTERPRET=1`` (set before importing triton), for tests.
 """

@@ -5,10 +5,10 @@ that runs on it.
   the backend's outputs it returns what the backward needs of the rounds: the GRU states, the
   non-final outputs, the later round inputs and each round's rank-r ``a_mix``.
 * ``graphmoe_fused::rounds_backward``: the backward of the T rounds from those. The chain over
-  the rounds, the GRU cells and the router's softmax/top-k are the torch backend's
+  the rounds (``W_g``, the residual) and the router's softmax/top-k are the torch backend's
   (``torch.rounds.rounds_backward``); each round's expert part (the base and LoRA products, the
-  SwiGLU backward, the slots' sum and every LoRA gradient) runs on the backward kernels
-  (``kernels.expert.expert_round_backward``).
+  SwiGLU backward, the slots' sum and every LoRA gradient) and each GRU cell run on the backward
+  kernels (``kernels.expert.expert_round_backward``, ``kernels.gru.lowrank_gru_backward``).
 
 The forward op's gradient formula is registered with ``torch.library.register_autograd`` and its
 shapes with ``register_fake``: Dynamo and AOTAutograd see one opaque node each way, with no graph
