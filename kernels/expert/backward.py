@@ -26,9 +26,10 @@ Backward, with ``dh_base = W_D^T dy`` (one base GEMM for all slots) and ``b = c 
 
 Launches:
 
-1. ``_project_kernel`` twice: ``a_gu = c · drop_x(x) · [A_G; A_U]^T`` for all experts (x's dtype,
-   as the forward rounds it; the x mask evaluated in registers) and ``b = c · dy · B_D_cat^T``
-   (fp32, ``[M, n·r]``). Rank-``r`` dense GEMMs, < 1 % of a round.
+1. the forward's ``lora_in`` kernel (:mod:`.gate_up`) twice: ``a_gu = c · drop_x(x) ·
+   [A_G; A_U]^T`` for all experts (x's dtype, as the forward rounds it; the x mask evaluated in
+   registers) and ``b = c · dy · B_D_cat^T`` (fp32, ``[M, n·r]``). Rank-``r`` dense GEMMs,
+   < 1 % of a round.
 2. ``_dh_base_kernel``: ``dh_base = dy · W_D`` (``[M, D']``, compute dtype), the down side's one
    base GEMM. It is written once and read by the gate/up backward; fusing it there as a third
    accumulator of the ``d``-loop would keep a third fp32 tile live through the slot epilogue.
@@ -99,6 +100,7 @@ from ..utils import (
     token_bucket,
     unit_stride_rows,
 )
+from .gate_up import _LORA_IN_GPU, _launch_lora_in, _lora_in_kernel
 from .layout import ExpertLoRA, check_layout, check_routing, padded_rank
 
 __all__ = ["DETERMINISTIC_TOKEN_GROUPS", "ExpertBackward", "expert_round_backward"]
@@ -152,63 +154,6 @@ def _masked_rank_t(ptr, rows, row_ok, stride, lc, e, R_PAD: tl.constexpr, RANK: 
         src = lc
     mask = (l_exp[:, None] == e[None, :]) & (l_rank < RANK)[:, None] & row_ok[None, :]
     return tl.load(ptr + rows[None, :] * stride + src[:, None], mask=mask, other=0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Rank-r projections: out = scale · drop?(A) · W^T.
-# ---------------------------------------------------------------------------------------------
-
-# Few output columns (2·n·R = 256 for a_gu, n·r = 128 for b at the benchmark shape): one column
-# tile covers them, small token tiles keep enough programs to stream A at HBM bandwidth.
-_PROJECT_GPU = [
-    cfg(64, 128, 64, 4, 4), cfg(64, 256, 32, 8, 4), cfg(32, 128, 64, 4, 4),
-    cfg(128, 128, 64, 8, 3),
-]
-PROJECT_CONFIGS = [INTERPRET_CONFIG] if INTERPRET else _PROJECT_GPU
-
-
-def _project_prune(configs, named_args, **kwargs):
-    kept = prune_small_m(configs, named_args, **kwargs)
-    width = triton.next_power_of_2(named_args["N"])
-    narrow = [c for c in kept if c.kwargs["BLOCK_N"] <= max(width, 64)]
-    return narrow or kept
-
-
-@triton.jit
-def _project_kernel(
-    a_ptr, w_ptr, out_ptr, keys_ptr,
-    M, N, K,
-    stride_am,
-    scaling, dropout_scale,
-    M_BUCKET,
-    HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    DTYPE: tl.constexpr = a_ptr.dtype.element_ty
-    rows, row_ok, cols, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    w_rows = cols.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_DROPOUT:
-        threshold = tl.load(keys_ptr)
-        key = tl.load(keys_ptr + 1)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        a = load_tile(a_ptr, rows, row_ok, stride_am, k, K)
-        if HAS_DROPOUT:
-            # drop_x(x) rounded to x's dtype, as the torch backend applies it in x's dtype.
-            keep = keep_mask(key, rows, k, threshold)
-            a = cast_rne(tl.where(keep, a.to(tl.float32) * dropout_scale, 0.0), DTYPE,
-                         INTERP_BF16)
-        acc = mma(a, load_tile_t(w_ptr, w_rows, col_ok, K, k, K), acc, INTERP_BF16)
-    store_rounded(out_ptr, acc * scaling, rows, row_ok, N, cols, col_ok, INTERP_BF16)
-
-
-_project_tuned = triton.autotune(
-    configs=PROJECT_CONFIGS,
-    key=["M_BUCKET", "N", "K", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _project_prune},
-)(_project_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,19 +642,6 @@ _dx_tuned = triton.autotune(
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch_project(a, w, out, keys, scaling, dropout_scale, has_dropout,
-                    config: triton.Config | None) -> None:
-    num_tokens, inner = a.shape
-    width = out.shape[1]
-    launch(
-        _project_tuned, _project_kernel, tile_grid(num_tokens, width, "BLOCK_N"),
-        (a, w, out, keys, num_tokens, width, inner, a.stride(0), float(scaling),
-         float(dropout_scale), token_bucket(num_tokens)),
-        {"HAS_DROPOUT": has_dropout, "INTERP_BF16": interpreter_bf16(a.dtype)},
-        config,
-    )
-
-
 def _launch_dh_base(dy, down_weight, out, config: triton.Config | None) -> None:
     num_tokens, hidden = dy.shape
     inter = down_weight.shape[1]
@@ -892,10 +824,11 @@ def expert_round_backward(
 
     # 1. rank-r inputs: a_gu (as the forward computes it) and b = c · dy B_D^T.
     a_gu = new_output((num_tokens, 2 * n * r_pad), dt, x.device)
-    _launch_project(x, lora.a_in, a_gu, keys, scaling, dropout_scale, has_dropout,
+    _launch_lora_in(x, lora.a_in, a_gu, scaling, keys if has_dropout else None, dropout_scale,
                     configs.get("lora_in"))
+    # b is the same rank-r projection, of dy through B_D, unmasked and kept in fp32.
     b = new_output((num_tokens, n * rank), torch.float32, x.device)
-    _launch_project(grad_y, lora.b_down, b, keys, scaling, 1.0, False, configs.get("b_down"))
+    _launch_lora_in(grad_y, lora.b_down, b, scaling, None, 1.0, configs.get("b_down"))
 
     # 2. dh_base = dy W_D.
     dh_base = new_output((num_tokens, inter), dt, x.device)
@@ -1028,13 +961,13 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
         specs += [
             KernelSpec(
                 name=f"expert.backward.project{suffix}",
-                fn=_project_kernel,
-                types={"a_ptr": ptr, "w_ptr": ptr, "out_ptr": ptr, "keys_ptr": "*i64",
-                       "M": _I32, "N": _I32, "K": _I32, "stride_am": _I32, "scaling": "fp32",
+                fn=_lora_in_kernel,
+                types={"x_ptr": ptr, "a_ptr": ptr, "out_ptr": ptr, "keys_ptr": "*i64",
+                       "M": _I32, "N": _I32, "K": _I32, "stride_xm": _I32, "scaling": "fp32",
                        "dropout_scale": "fp32", "M_BUCKET": _I32},
                 constexprs={"HAS_DROPOUT": True, "INTERP_BF16": False},
-                configs=_PROJECT_GPU,
-                aligned=("a_ptr", "w_ptr", "out_ptr", "keys_ptr", "M", "N", "K", "stride_am",
+                configs=_LORA_IN_GPU,
+                aligned=("x_ptr", "a_ptr", "out_ptr", "keys_ptr", "M", "N", "K", "stride_xm",
                          "M_BUCKET"),
                 note="a_gu = c · drop_x(x) · [A_G; A_U]^T (256 columns; b = c · dy B_D^T is "
                      "the same kernel without the mask)",
