@@ -79,6 +79,49 @@ def _candidate_activation(pre, CAND_TANH: tl.constexpr):
 
 
 @triton.jit
+def gate_preactivations(
+    h_ptr, y_ptr, x_ptr, wz_ptr, wr_ptr, wo_ptr, rows, row_ok, units64, unit_ok, D, DH, DH_PAD,
+    U_OFF, stride_hm, stride_ym, stride_xm, stride_w, HAS_H: tl.constexpr, CAND_X: tl.constexpr,
+    INTERP_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``W_z [h, y]``, ``W_r [h, y]`` and the candidate's ``u`` half ``W_o[:, dh:] u`` (fp32
+    accumulators ``[BLOCK_M, BLOCK_H]``) of one (token block, dh block): the forward's gates
+    pass and the backward's recompute of it."""
+    acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    acc_r = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+
+    if HAS_H:
+        # The h half of [h, y] for z and r (weight columns DH..DH_PAD are zero padding, so the
+        # weight masks stay 16-aligned); the candidate's h half needs r first (pass 2).
+        acc_z, acc_r = dot_k2(acc_z, acc_r, h_ptr, rows, row_ok, stride_hm, wz_ptr, stride_w,
+                              wr_ptr, stride_w, units64, unit_ok, DH, DH_PAD, BLOCK_K, INTERP_BF16)
+
+    # The y half (columns U_OFF.. of the packed weights): one K loop feeds all three
+    # accumulators, so each activation tile is loaded once. It is written out rather than a
+    # dot_k call: the three weights share one offset tensor (their packed rows have one
+    # stride), added to each base pointer per K step; three weight pointer tensors
+    # (load_tile_t) would stay live through the loop, and sm_80 spills.
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = units64[None, :] * stride_w + U_OFF
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + offs_k
+        a = load_tile(y_ptr, rows, row_ok, stride_ym, k, D)
+        w_off = w_rows + k[:, None]
+        w_mask = (k < D)[:, None] & unit_ok[None, :]
+        acc_z = mma(a, tl.load(wz_ptr + w_off, mask=w_mask, other=0.0), acc_z, INTERP_BF16)
+        if HAS_H:
+            acc_r = mma(a, tl.load(wr_ptr + w_off, mask=w_mask, other=0.0), acc_r, INTERP_BF16)
+        wo = tl.load(wo_ptr + w_off, mask=w_mask, other=0.0)
+        if CAND_X:
+            a = load_tile(x_ptr, rows, row_ok, stride_xm, k, D)
+        acc_o = mma(a, wo, acc_o, INTERP_BF16)
+
+    return acc_z, acc_r, acc_o
+
+
+@triton.jit
 def _gru_gates_kernel(
     h_ptr,
     y_ptr,
@@ -113,35 +156,10 @@ def _gru_gates_kernel(
 ):
     rows, row_ok, units, unit_ok = row_major_tile(M, DH, BLOCK_M, BLOCK_H)
     units64 = units.to(tl.int64)  # weight row offsets
-    acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_r = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-
-    if HAS_H:
-        # The h half of [h, y] for z and r (weight columns DH..DH_PAD are zero padding, so the
-        # weight masks stay 16-aligned); the candidate's h half needs r first (pass 2).
-        acc_z, acc_r = dot_k2(acc_z, acc_r, h_ptr, rows, row_ok, stride_hm, wz_ptr, stride_w,
-                              wr_ptr, stride_w, units64, unit_ok, DH, DH_PAD, BLOCK_K, INTERP_BF16)
-
-    # The y half (columns U_OFF.. of the packed weights): one K loop feeds all three
-    # accumulators, so each activation tile is loaded once. It is written out rather than a
-    # dot_k call: the three weights share one offset tensor (their packed rows have one
-    # stride), added to each base pointer per K step; three weight pointer tensors
-    # (load_tile_t) would stay live through the loop, and sm_80 spills.
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = units64[None, :] * stride_w + U_OFF
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + offs_k
-        a = load_tile(y_ptr, rows, row_ok, stride_ym, k, D)
-        w_off = w_rows + k[:, None]
-        w_mask = (k < D)[:, None] & unit_ok[None, :]
-        acc_z = mma(a, tl.load(wz_ptr + w_off, mask=w_mask, other=0.0), acc_z, INTERP_BF16)
-        if HAS_H:
-            acc_r = mma(a, tl.load(wr_ptr + w_off, mask=w_mask, other=0.0), acc_r, INTERP_BF16)
-        wo = tl.load(wo_ptr + w_off, mask=w_mask, other=0.0)
-        if CAND_X:
-            a = load_tile(x_ptr, rows, row_ok, stride_xm, k, D)
-        acc_o = mma(a, wo, acc_o, INTERP_BF16)
+    acc_z, acc_r, acc_o = gate_preactivations(
+        h_ptr, y_ptr, x_ptr, wz_ptr, wr_ptr, wo_ptr, rows, row_ok, units64, unit_ok, D, DH,
+        DH_PAD, U_OFF, stride_hm, stride_ym, stride_xm, stride_w, HAS_H, CAND_X, INTERP_BF16,
+        BLOCK_M, BLOCK_H, BLOCK_K)
 
     z = tl.sigmoid(acc_z)
     acc_o += tl.load(bo_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)[None, :]

@@ -56,7 +56,6 @@ from ..utils import (
     check_like,
     check_ndim,
     dot_k,
-    dot_k2,
     interpreter_bf16,
     is_interpreter,
     launch,
@@ -81,6 +80,7 @@ from .lowrank_gru import (
     UPDATE_INTERPRETER_CONFIGS,
     _candidate_activation,
     _pack_gate_weights,
+    gate_preactivations,
 )
 
 __all__ = ["TOKEN_GROUPS", "GRUBackward", "lowrank_gru_backward"]
@@ -175,27 +175,11 @@ def _gru_bwd_gates_kernel(
 ):
     rows, row_ok, units, unit_ok = row_major_tile(M, DH, BLOCK_M, BLOCK_H)
     units64 = units.to(tl.int64)
-    acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_r = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    if HAS_H:
-        acc_z, acc_r = dot_k2(acc_z, acc_r, h_ptr, rows, row_ok, stride_hm, wz_ptr, stride_w,
-                              wr_ptr, stride_w, units64, unit_ok, DH, DH_PAD, BLOCK_K, INTERP_BF16)
-    # The y half, all three accumulators per activation tile (the forward's gates loop).
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = units64[None, :] * stride_w + U_OFF
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + offs_k
-        a = load_tile(y_ptr, rows, row_ok, stride_ym, k, D)
-        w_off = w_rows + k[:, None]
-        w_mask = (k < D)[:, None] & unit_ok[None, :]
-        acc_z = mma(a, tl.load(wz_ptr + w_off, mask=w_mask, other=0.0), acc_z, INTERP_BF16)
-        if HAS_H:
-            acc_r = mma(a, tl.load(wr_ptr + w_off, mask=w_mask, other=0.0), acc_r, INTERP_BF16)
-        wo = tl.load(wo_ptr + w_off, mask=w_mask, other=0.0)
-        if CAND_X:
-            a = load_tile(x_ptr, rows, row_ok, stride_xm, k, D)
-        acc_o = mma(a, wo, acc_o, INTERP_BF16)
+    # The forward's gates pass, recomputed.
+    acc_z, acc_r, acc_o = gate_preactivations(
+        h_ptr, y_ptr, x_ptr, wz_ptr, wr_ptr, wo_ptr, rows, row_ok, units64, unit_ok, D, DH,
+        DH_PAD, U_OFF, stride_hm, stride_ym, stride_xm, stride_w, HAS_H, CAND_X, INTERP_BF16,
+        BLOCK_M, BLOCK_H, BLOCK_K)
 
     z = tl.sigmoid(acc_z)
     acc_o += tl.load(bo_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)[None, :]
