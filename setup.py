@@ -29,10 +29,13 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # HF Trainer needs accelerate; the layer and a hand-written loop do not.
+        # `graphmoe-fused train` runs on accelerate (one process, or DDP/FSDP2 under
+        # `accelerate launch`); HF Trainer needs it too. The layer alone does not.
         "train": ["accelerate>=1.0"],
+        "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.13",
-                 "accelerate>=1.0", "ruff"],
+                 "accelerate>=1.0", "matplotlib>=3.7", "ruff"],
     },
-    entry_points={"console_scripts": ["graphmoe-demo=graphmoe_fused.cli.main:main"]},
+    entry_points={"console_scripts": ["graphmoe-fused=graphmoe_fused.cli.app:main",
+                                      "graphmoe-demo=graphmoe_fused.cli.main:main"]},
 )

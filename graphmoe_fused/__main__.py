@@ -1,8 +1,9 @@
-"""``python -m graphmoe_fused`` runs the demo (same as ``graphmoe-demo``)."""
+"""``python -m graphmoe_fused``: the ``graphmoe-fused`` command (train, eval, plot, experiment,
+demo)."""
 
 import sys
 
-from .cli.main import main
+from .cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,7 +48,7 @@ def test_cli_main_prints_losses_workload_and_parameter_share(capsys):
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "graphmoe_fused", *TINY],
+    result = subprocess.run([sys.executable, "-m", "graphmoe_fused", "demo", *TINY],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "expert workload" in result.stdout
@@ -57,6 +57,7 @@ def test_module_entry_point_runs():
 def test_console_script_is_declared():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("graphmoe-demo") == "graphmoe_fused.cli.main:main"
+    assert scripts.get("graphmoe-fused") == "graphmoe_fused.cli.app:main"
 
 
 # --- bad values: one line, exit status 2 -------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import graphmoe_fused as gm
 
@@ -384,3 +385,19 @@ def test_a_backend_trains_the_model_as_the_reference_does(backend):
         assert scale > 0, name
         torch.testing.assert_close(got_grads[name], want_grad, rtol=0, atol=3e-5 * scale,
                                    msg=name)
+
+
+def test_the_output_survives_what_ddp_does_to_it():
+    # DDP flattens the output as a pytree and rebuilds it from its class's fields: an
+    # ``aux_loss`` key the class does not declare used to make that rebuild raise.
+    import torch.utils._pytree as pytree
+
+    model = converted("llama")
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    leaves, spec = pytree.tree_flatten(out)
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    assert isinstance(rebuilt, type(out)) and isinstance(out, CausalLMOutputWithPast)
+    assert torch.equal(rebuilt.aux_loss, out.aux_loss) and torch.equal(rebuilt.loss, out.loss)
+    assert out.aux_loss is out["aux_loss"]
+    assert type(model(input_ids=ids).aux_loss) is torch.Tensor  # the same class next time

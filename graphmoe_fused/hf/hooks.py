@@ -16,12 +16,15 @@ backward with the recorder's current token mask, so call ``backward`` before the
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ..config import GraphMoEConfig
 from ..layer import GraphMoEMLP
@@ -156,9 +159,32 @@ class _ModuleHooks:
                 output = (loss, *output[1:])
             else:
                 output["loss"] = loss
-        if isinstance(output, dict):  # ModelOutput is an OrderedDict: sets item and attribute
+        if isinstance(output, ModelOutput):
+            output = with_aux_loss(output, aux)
+        elif isinstance(output, dict):
             output["aux_loss"] = aux
         return output
+
+
+@functools.cache
+def _output_class_with_aux_loss(cls: type[ModelOutput]) -> type[ModelOutput]:
+    """``cls`` plus an ``aux_loss`` field. DDP (and anything else that flattens outputs as
+    pytrees) rebuilds a ``ModelOutput`` from its fields, so a key its class does not declare
+    breaks the rebuild: ``CausalLMOutputWithPast`` has no ``aux_loss``."""
+    sub = dataclasses.make_dataclass(
+        cls.__name__, [("aux_loss", torch.Tensor | None, dataclasses.field(default=None))],
+        bases=(cls,))
+    sub.__module__, sub.__qualname__ = __name__, f"_output_class_with_aux_loss.{cls.__name__}"
+    sub.__doc__ = f"{cls.__name__} with the GraphMoE load-balancing loss as ``aux_loss``."
+    return sub
+
+
+def with_aux_loss(output: ModelOutput, aux: torch.Tensor) -> ModelOutput:
+    """``output`` with ``aux_loss`` set (an instance of its class, or a subclass declaring it)."""
+    if "aux_loss" not in {f.name for f in dataclasses.fields(output)}:
+        output = _output_class_with_aux_loss(type(output))(**output)
+    output["aux_loss"] = aux
+    return output
 
 
 def install_routing_hooks(model: nn.Module, layer_names: list[str],

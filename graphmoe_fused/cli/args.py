@@ -1,0 +1,99 @@
+"""What every ``graphmoe-fused`` subcommand shares: one-line argument errors (exit status 2),
+value parsers that name the problem, and one-line run errors (exit status 1)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+USAGE_ERROR = 2  # argparse's status for a bad command line
+RUN_ERROR = 1  # the library refused something during the run
+INTERRUPTED = 130
+# What the library raises for input it refuses (a bad file, a model it cannot convert, an output
+# directory that exists, CUDA out of memory): shown as one line. Anything else is a bug and keeps
+# its traceback.
+RUN_ERRORS = (ValueError, TypeError, RuntimeError, OSError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: no usage block above the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {one_line(message)} "
+                               f"(see {self.prog} --help)\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def run_guarded(prog: str, job: Callable[[], int], debug: bool = False) -> int:
+    """Runs ``job``; a refused input (:data:`RUN_ERRORS`) is one line on stderr and exit status
+    1 (``debug`` re-raises it instead), Ctrl-C is one line and 130."""
+    try:
+        return job()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except RUN_ERRORS as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {type(exc).__name__}: {one_line(str(exc)) or '(no message)'} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return RUN_ERROR

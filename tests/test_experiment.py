@@ -1,0 +1,87 @@
+"""The rounds experiment: the arms differ in T only, and what it reports is what its adapters do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graphmoe_fused.cli import app
+from graphmoe_fused.data import builtin_task
+from graphmoe_fused.evaluation import multiple_choice_accuracy
+from graphmoe_fused.experiments import run_rounds_experiment
+from graphmoe_fused.hf.adapters import load_adapter
+from graphmoe_fused.hf.local_model import load_base_model
+from graphmoe_fused.training import TrainConfig
+
+from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
+
+QUICK = {"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "num_experts": 4,
+         "lora_r": 4, "lora_alpha": 8, "backend": "torch", "lora_dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def arms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment") / "run"
+    return out, run_rounds_experiment(TrainConfig(**QUICK, output_dir=str(out)), (1, 3),
+                                      log=lambda _line: None, progress=False)
+
+
+def test_the_arms_share_everything_but_the_rounds(arms):
+    out, (one, three) = arms
+    assert (one.num_rounds, three.num_rounds) == (1, 3)
+    a, b = one.result.config.to_dict(), three.result.config.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"num_rounds", "output_dir"}
+    assert one.result.steps == three.result.steps == 3
+    assert len(one.routing_change) == 0 and len(three.routing_change) == 2
+    assert all(0.0 <= c <= 1.0 for c in three.routing_change)
+
+
+def test_the_reported_accuracy_is_the_saved_adapters(arms):
+    out, (_, three) = arms
+    model, tokenizer = load_base_model(None)
+    load_adapter(model, out / "T3" / "adapter")
+    for name, examples in builtin_task("chain").eval.items():
+        scored = multiple_choice_accuracy(model, tokenizer, examples)
+        assert three.accuracy[name] == scored.accuracy
+    summary = json.loads((out / "experiment.json").read_text())
+    assert [arm["num_rounds"] for arm in summary["arms"]] == [1, 3]
+    assert summary["arms"][1]["accuracy"] == three.accuracy
+    assert summary["arms"][1]["routing_change"] == three.routing_change
+
+
+def test_the_adapter_loads_onto_the_base_it_was_trained_on(arms, recwarn):
+    out, _ = arms
+    model, _ = load_base_model(None)
+    load_adapter(model, out / "T1" / "adapter")
+    assert not [w for w in recwarn if "trained on base model" in str(w.message)]
+
+
+def test_refuses_user_data_and_a_used_output_dir(tmp_path, arms):
+    out, _ = arms
+    with pytest.raises(ValueError, match="built-in task"):
+        run_rounds_experiment(TrainConfig(**QUICK, data=[str(tmp_path / "x.jsonl")]))
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        run_rounds_experiment(TrainConfig(**QUICK, output_dir=str(out)))
+    with pytest.raises(ValueError, match="repeated"):
+        run_rounds_experiment(TrainConfig(**QUICK, output_dir=str(tmp_path / "n")), (3, 3))
+    assert not (tmp_path / "n").exists()
+
+
+def test_command_line_prints_both_arms(tmp_path, capsys):
+    argv = ["experiment", "--output-dir", str(tmp_path / "cli"), "--no-progress"]
+    for key, value in QUICK.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    assert app.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "T=1" in out and "T=3" in out and "1->2:" in out and "chain-2hop" in out
+    assert (tmp_path / "cli" / "T1" / "adapter").is_dir()
+    assert (tmp_path / "cli" / "T3" / "adapter").is_dir()
+
+
+def test_the_rounds_come_from_compare_rounds(capsys):
+    with pytest.raises(SystemExit):
+        app.main(["experiment", "--compare-rounds", "0"])
+    assert "--compare-rounds" in capsys.readouterr().err
+    assert app.main(["experiment", "--num-rounds", "2"]) == 1
+    assert "use --compare-rounds" in capsys.readouterr().err

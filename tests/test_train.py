@@ -1,0 +1,237 @@
+"""``graphmoe_fused.training``: one-process training on the built-in tiny model, the log and
+statistics it writes, bit-exact resume, and every refusal made before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graphmoe_fused.cli import train_command
+from graphmoe_fused.data import BUILTIN_PRESET, DataError
+from graphmoe_fused.hf.local_model import save_builtin_model
+from graphmoe_fused.training import TrainConfig, train
+from graphmoe_fused.training.recipe import read_config_file
+
+from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
+
+# Small and fast: 4 experts, 2 rounds, short sequences, 3-4 steps; dropout stays on so resume
+# must reproduce the masks too.
+TINY = dict(num_experts=4, top_k=2, lora_r=4, lora_alpha=8, num_rounds=2, cutoff_len=64,
+            batch_size=8, micro_batch_size=4, backend="torch", log_every=1, learning_rate=3e-3)
+WEIGHTS = "graphmoe_adapter.safetensors"
+
+
+def _config(out: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, "output_dir": str(out), "max_steps": 3, **overrides})
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / WEIGHTS))
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+# --- a run and what it writes -------------------------------------------------------------------
+
+
+def test_train_writes_adapter_log_and_routing_statistics(tmp_path):
+    out = tmp_path / "run"
+    result = train(_config(out), log=_quiet, progress=False)
+    assert result.steps == 3 and len(result.losses) == 3 and result.world_size == 1
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.adapter_path == out / "adapter" and (out / "adapter" / WEIGHTS).is_file()
+    assert set(result.eval_accuracy) == {"chain-2hop", "chain-1hop"}
+
+    events = _events(out)
+    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "end"
+    start = events[0]
+    assert (start["num_experts"], start["num_rounds"], start["top_k"]) == (4, 2, 2)
+    assert start["world_size"] == 1 and start["num_layers"] == 2
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3]
+    assert [e["loss"] for e in steps] == result.losses
+    for e in steps:
+        assert len(e["aux_loss_per_round"]) == 2
+        assert e["aux_loss"] == pytest.approx(sum(e["aux_loss_per_round"]) / 2)
+        assert e["lr"] == 3e-3 and e["grad_norm"] > 0 and e["tokens_per_s"] > 0
+    assert steps[0]["tokens"] < steps[1]["tokens"] < steps[2]["tokens"]
+    assert any(e["event"] == "eval" for e in events)
+
+    routing = json.loads((out / "routing_statistics.json").read_text())
+    assert routing["phase"] == "train" and routing["num_experts"] == 4
+    layers = routing["layers"]
+    assert sorted(layers) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    # top-2 of every non-pad token, every round: counts add up to 2 × the tokens trained on
+    for counts in layers.values():
+        assert len(counts) == 2 and all(len(row) == 4 for row in counts)
+        assert all(sum(row) == 2 * routing["tokens"] for row in counts)
+    last_routing = [e for e in events if e["event"] == "routing"][-1]
+    assert last_routing["layers"] == layers
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["max_steps"] == 3 and saved["num_experts"] == 4
+
+
+def test_lm_loss_is_the_token_weighted_mean_without_the_aux_term(tmp_path):
+    # coefficient 0 vs the default: the logged LM loss of step 1 (same weights) must agree.
+    with_aux = train(_config(tmp_path / "a", max_steps=1), log=_quiet, progress=False)
+    without = train(_config(tmp_path / "b", max_steps=1, router_aux_loss_coef=0.0),
+                    log=_quiet, progress=False)
+    assert with_aux.losses[0] == pytest.approx(without.losses[0], rel=1e-6)
+    assert with_aux.aux_losses[0] == pytest.approx(without.aux_losses[0], rel=1e-6)
+
+
+def test_builtin_preset_fills_only_fields_the_user_did_not_set(tmp_path):
+    lines: list[str] = []
+    result = train(_config(tmp_path / "run", max_steps=1), log=lines.append, progress=False)
+    # epochs came from the preset; the learning rate and the batch sizes were set here
+    assert any("preset" in line and f"epochs={BUILTIN_PRESET['epochs']}" in line
+               for line in lines)
+    assert result.config.epochs == BUILTIN_PRESET["epochs"]
+    assert result.config.learning_rate == 3e-3 and result.config.batch_size == 8
+    assert TrainConfig().epochs == 2  # the paper's recipe when a --model is given
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    settings = dict(max_steps=4, save_every=2)
+    reference = train(_config(full, **settings), log=_quiet, progress=False)
+
+    def stop_at_2(record):
+        if record["step"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(_config(cut, **settings), log=_quiet, progress=False, on_step=stop_at_2)
+    assert not (cut / "adapter").exists() and (cut / "checkpoints" / "step-2").is_dir()
+    resumed = train(TrainConfig(output_dir=str(cut), resume=True), log=_quiet, progress=False)
+
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    assert resumed.losses == reference.losses
+    assert resumed.aux_losses == reference.aux_losses
+    a, b = _adapter(full / "adapter"), _adapter(cut / "adapter")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    logged = [e["loss"] for e in _events(cut) if e["event"] == "step"]
+    assert logged == reference.losses
+    assert json.loads((cut / "routing_statistics.json").read_text()) == \
+        json.loads((full / "routing_statistics.json").read_text())
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    out = tmp_path / "run"
+    train(_config(out, max_steps=2, save_every=2), log=_quiet, progress=False)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(TrainConfig(output_dir=str(out), resume=True, learning_rate=1e-3), log=_quiet,
+              progress=False)
+
+
+# --- refusals: one line, nothing written --------------------------------------------------------
+
+
+def _refused(tmp_path, exc_type, match, **overrides):
+    out = tmp_path / "never"
+    with pytest.raises(exc_type, match=match) as info:
+        train(_config(out, **overrides), log=_quiet, progress=False)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+    return info.value
+
+
+def test_missing_model_path_is_refused(tmp_path):
+    _refused(tmp_path, FileNotFoundError, "does not exist", model=str(tmp_path / "nothing"))
+
+
+def test_unconvertible_model_is_refused(tmp_path):
+    model_dir = save_builtin_model(tmp_path / "gelu-model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["hidden_act"] = "gelu"  # not SwiGLU any more
+    (model_dir / "config.json").write_text(json.dumps(config))
+    _refused(tmp_path, ValueError, "cannot convert", model=str(model_dir))
+
+
+def test_empty_and_malformed_data_are_refused(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    _refused(tmp_path, DataError, "no examples", data=[str(empty)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "say hi", "output": "hi"}\n{"instruction": \n')
+    _refused(tmp_path, DataError, "bad.jsonl:2", data=[str(bad)])
+
+
+def test_existing_output_dir_is_refused_and_overwrite_keeps_user_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        train(_config(out), log=_quiet, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    train(_config(out, max_steps=1, overwrite=True), log=_quiet, progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter" / WEIGHTS).is_file()
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(_config(out, max_steps=1), log=_quiet, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(output_dir=str(out), resume=True), log=_quiet, progress=False)
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        TrainConfig(batch_size=16, micro_batch_size=5)
+    with pytest.raises(ValueError, match="top_k"):
+        TrainConfig(num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+# --- config files and the command line ----------------------------------------------------------
+
+
+def test_config_file_then_flags(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("learning_rate: 0.001\nepochs: 3\nnum_experts: 4\n")
+    cfg = TrainConfig.from_sources(yaml_file, {"epochs": 5})
+    assert (cfg.learning_rate, cfg.epochs, cfg.num_experts) == (1e-3, 5, 4)
+    assert {"learning_rate", "epochs", "num_experts"} <= cfg.user_set
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"lerning_rate": 1e-3}))
+    with pytest.raises(ValueError, match=r"run\.json: unknown key 'lerning_rate'"):
+        TrainConfig.from_file(json_file)
+    assert read_config_file(json_file) == {"lerning_rate": 1e-3}
+
+
+def test_cli_trains_and_prints_a_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--max-steps", "2", "--experts", "4", "--lora-r", "4",
+            "--rounds", "2", "--cutoff-len", "64", "--batch-size", "8",
+            "--micro-batch-size", "4", "--backend", "torch", "--no-progress"]
+    assert train_command.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 2" in printed and "last loss:" in printed and "eval chain-2hop" in printed
+    assert f"adapter: {out / 'adapter'}" in printed
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["num_experts"] == 4 and saved["num_rounds"] == 2
+
+    assert train_command.main(argv) == 1  # the directory is not empty now
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("graphmoe-fused train: error:")
+    assert "not empty" in err[0]
