@@ -69,7 +69,8 @@ def test_triton_backend_on_cpu_is_one_line_in_a_real_process():
     # user's view needs a process without it. --device cpu makes this hold on a GPU machine too.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "graphmoe_fused", *TINY, "--backend", "triton", "--device", "cpu"],
+        [sys.executable, "-m", "graphmoe_fused", "demo", *TINY, "--backend", "triton",
+         "--device", "cpu"],
         capture_output=True, text=True, timeout=300, check=False, env=env,
     )
     assert result.returncode == 2, result.stderr

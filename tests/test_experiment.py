@@ -65,6 +65,8 @@ def test_refuses_user_data_and_a_used_output_dir(tmp_path, arms):
         run_rounds_experiment(TrainConfig(**QUICK, output_dir=str(out)))
     with pytest.raises(ValueError, match="repeated"):
         run_rounds_experiment(TrainConfig(**QUICK, output_dir=str(tmp_path / "n")), (3, 3))
+    with pytest.raises(ValueError, match="seeds"):
+        run_rounds_experiment(TrainConfig(**QUICK, output_dir=str(tmp_path / "n")), seeds=[-1])
     assert not (tmp_path / "n").exists()
 
 
@@ -85,3 +87,19 @@ def test_the_rounds_come_from_compare_rounds(capsys):
     assert "--compare-rounds" in capsys.readouterr().err
     assert app.main(["experiment", "--num-rounds", "2"]) == 1
     assert "use --compare-rounds" in capsys.readouterr().err
+
+
+def test_several_seeds_report_the_mean_of_their_arms(tmp_path):
+    arms = run_rounds_experiment(TrainConfig(**{**QUICK, "max_steps": 2},
+                                             output_dir=str(tmp_path / "s")),
+                                 (1, 2), log=lambda _line: None, progress=False, seeds=[0, 1])
+    assert [(a.seed, a.num_rounds) for a in arms] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert (tmp_path / "s" / "seed1" / "T2" / "adapter").is_dir()
+    summary = json.loads((tmp_path / "s" / "experiment.json").read_text())
+    two = [a for a in arms if a.num_rounds == 2]
+    for split in two[0].accuracy:
+        assert summary["mean"]["T=2"]["accuracy"][split] == pytest.approx(
+            (two[0].accuracy[split] + two[1].accuracy[split]) / 2)
+    assert summary["mean"]["T=2"]["routing_change"] == pytest.approx(
+        [(two[0].routing_change[0] + two[1].routing_change[0]) / 2])
+    assert two[0].result.losses != two[1].result.losses  # the seeds trained different adapters

@@ -7,8 +7,9 @@ sets the arms)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .args import positive_int, run_guarded
+from .args import non_negative_int, positive_int, run_guarded
 from .train_command import add_arguments
 
 PROG = "graphmoe-fused experiment"
@@ -24,6 +25,9 @@ def add_parser(subparsers) -> None:
         "OUTPUT_DIR/experiment.json.")
     parser.add_argument("--compare-rounds", type=positive_int, nargs="+", default=[1, 3],
                         metavar="T", help="the arms' numbers of rounds (default 1 3)")
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None, metavar="S",
+                        help="train every arm once per seed and report the mean (default: "
+                        "--seed alone)")
     add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -34,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from ..experiments import format_rounds_table, run_rounds_experiment
+    from ..experiments.rounds import SUMMARY_FILE, default_experiment_dir
     from ..training.recipe import TrainConfig, config_fields
 
     names = {f.name for f in config_fields()}
@@ -42,11 +47,16 @@ def _experiment(args: argparse.Namespace) -> int:
         raise ValueError("--num-rounds/--rounds: the experiment sets the rounds of each arm; "
                          "use --compare-rounds")
     base = TrainConfig.from_sources(getattr(args, "config", None), overrides)
+    if base.output_dir is None:
+        base = base.replace(output_dir=default_experiment_dir())
     arms = run_rounds_experiment(base, args.compare_rounds,
-                                 progress=getattr(args, "progress", True))
-    print(f"same data, seed and steps ({arms[0].result.steps}) for every arm; accuracy on the "
-          "held-out questions, routing change = share of tokens whose experts differ:")
+                                 progress=getattr(args, "progress", True), seeds=args.seeds)
+    seeds = sorted({a.seed for a in arms})
+    print(f"same data, steps ({arms[0].result.steps}) and seed{'s' if len(seeds) > 1 else ''} "
+          f"({', '.join(map(str, seeds))}) for every arm; accuracy on the held-out questions"
+          f"{' (mean, each seed in brackets)' if len(seeds) > 1 else ''}, routing change = "
+          "share of tokens whose experts differ:")
     for line in format_rounds_table(arms):
         print("  " + line)
-    print(f"written: {arms[0].result.output_dir.parent / 'experiment.json'}")
+    print(f"written: {Path(base.output_dir) / SUMMARY_FILE}")
     return 0

@@ -17,7 +17,6 @@ backward with the recorder's current token mask, so call ``backward`` before the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -166,7 +165,11 @@ class _ModuleHooks:
         return output
 
 
-@functools.cache
+# ModelOutput class -> that class plus an ``aux_loss`` field.
+_WITH_AUX_LOSS: dict[type, type] = {}
+
+
+@torch.compiler.disable  # runs once per output class; a compiled forward then finds it cached
 def _output_class_with_aux_loss(cls: type[ModelOutput]) -> type[ModelOutput]:
     """``cls`` plus an ``aux_loss`` field. DDP (and anything else that flattens outputs as
     pytrees) rebuilds a ``ModelOutput`` from its fields, so a key its class does not declare
@@ -176,13 +179,16 @@ def _output_class_with_aux_loss(cls: type[ModelOutput]) -> type[ModelOutput]:
         bases=(cls,))
     sub.__module__, sub.__qualname__ = __name__, f"_output_class_with_aux_loss.{cls.__name__}"
     sub.__doc__ = f"{cls.__name__} with the GraphMoE load-balancing loss as ``aux_loss``."
+    _WITH_AUX_LOSS[cls] = sub
     return sub
 
 
 def with_aux_loss(output: ModelOutput, aux: torch.Tensor) -> ModelOutput:
     """``output`` with ``aux_loss`` set (an instance of its class, or a subclass declaring it)."""
-    if "aux_loss" not in {f.name for f in dataclasses.fields(output)}:
-        output = _output_class_with_aux_loss(type(output))(**output)
+    cls = type(output)
+    if "aux_loss" not in cls.__dataclass_fields__:
+        sub = _WITH_AUX_LOSS.get(cls) or _output_class_with_aux_loss(cls)
+        output = sub(**output)
     output["aux_loss"] = aux
     return output
 

@@ -1,16 +1,19 @@
 """`train(cfg)`: fine-tune a GraphMoE adapter with our own loop on ``accelerate.Accelerator``.
 
 Run it as is for one process, or under ``accelerate launch`` (DDP, FSDP2) with no change: the
-Accelerator picks the set-up up from the launcher.
+Accelerator picks the set-up up from the launcher. ``fsdp=True`` shards the model with torch's
+``fully_shard`` where accelerate's own FSDP2 is not active (on the CPU accelerate has none), see
+:mod:`~graphmoe_fused.training.sharding`.
 
 The loss of a step is the token-weighted mean over the whole global batch, whatever the number of
 processes and micro-batches: every forward gets ``num_items_in_batch`` = the label tokens of the
 global batch (the model's cross-entropy becomes ``sum / num_items_in_batch``, and the GraphMoE
 hooks weight the aux term by the micro-batch's share of them, see
 :mod:`graphmoe_fused.hf.hooks`), the micro-batches' gradients add up, and each process scales its
-loss by the number of processes because DDP averages gradients. Together with the process-
-independent micro-batches and dropout seeds of :mod:`~graphmoe_fused.training.batches`, N
-processes compute the same step as one, up to the order of the floating-point sums.
+loss by the number of processes because DDP (and FSDP's reduce-scatter) averages gradients.
+Together with the process-independent micro-batches and dropout seeds of
+:mod:`~graphmoe_fused.training.batches`, N processes compute the same step as one, up to the
+order of the floating-point sums.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ from .outputs import (
     write_json,
 )
 from .recipe import RESUMABLE_CHANGES, TrainConfig
+from .sharding import (
+    full_adapter_state,
+    local_base_elements,
+    shard_model,
+    unsharded_metadata,
+    write_adapter,
+)
 
 Log = Callable[[str], Any]
 BATCH_FIELDS = frozenset({"batch_size", "micro_batch_size"})
@@ -100,7 +110,11 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
     ``FileNotFoundError``. ``log`` gets the human-readable lines (main process only);
     ``on_step`` gets each step's log event after the step (and its checkpoint) is done.
     """
-    from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+    try:
+        from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+    except ImportError:
+        raise RuntimeError("graphmoe-fused train needs accelerate: pip install "
+                           "'graphmoe_fused[train]'") from None
 
     # No CUDA: processes started by torch.distributed.run / accelerate launch form a gloo group
     # (accelerate only looks for a CPU group when told the run is on the CPU).
@@ -114,14 +128,24 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         # With one round the GRU is never used: DDP must not wait for its gradients.
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=prep.config.num_rounds == 1)])
+    cfg, out = prep.config, prep.output_dir
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # accelerate's FSDP2 wraps the model in prepare(); otherwise fsdp=True shards it here.
+    accelerate_fsdp = accelerator.distributed_type.value == "FSDP"
+    own_fsdp = cfg.fsdp and not accelerate_fsdp and world > 1
+    sharded = accelerate_fsdp or own_fsdp
+    if cfg.fsdp and world == 1:
+        say("fsdp: one process, nothing to shard: the model stays whole")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and \
-            accelerator.distributed_type.value != "FSDP":
+            not accelerate_fsdp and not own_fsdp:
         # accelerate enables FSDP only for accelerator devices (MULTI_GPU and the like); on a
         # CPU group it keeps DDP without a word.
         say(f"warning: FSDP was asked for but accelerate runs {accelerator.distributed_type.value}"
-            " (it has no FSDP on the CPU): every process holds the whole model")
-    cfg, out = prep.config, prep.output_dir
-    world, rank = accelerator.num_processes, accelerator.process_index
+            " (it has no FSDP on the CPU; --fsdp shards with torch's fully_shard): every process "
+            "holds the whole model")
+    if accelerate_fsdp and (cfg.resume or cfg.save_every):
+        raise ValueError("FSDP does not support resume or save_every yet (no sharded "
+                         "checkpoints): drop them or run without FSDP")
     accumulation = cfg.accumulation_steps(world)
     model = prep.model
 
@@ -133,9 +157,17 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         write_json(out / CONFIG_FILE, cfg.to_dict())
     accelerator.wait_for_everyone()
 
+    # The base fingerprint of the adapter's metadata reads the whole base: before sharding.
+    metadata = unsharded_metadata(model) if sharded else None
+    if own_fsdp:
+        model.to(accelerator.device)
+        shard_model(model, accelerator.device, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if own_fsdp:  # not accelerate's DDP: only the optimizer goes through prepare
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     layers = list(graphmoe_layers(inner).values())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -161,14 +193,20 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
     gm_cfg = cfg.graphmoe_config()
     header = {"world_size": world, "num_layers": len(layers), "num_experts": gm_cfg.num_experts,
               "num_rounds": gm_cfg.num_rounds, "top_k": gm_cfg.top_k}
+    if sharded:  # what each process holds of the frozen base (all of it, unsharded)
+        local, total = local_base_elements(inner)
+        held = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu()
+        header["fsdp"] = {"base_elements": total,
+                          "base_elements_per_process": [int(n) for n in held]}
     if events is not None:
         if prep.resume_from is None:
             events.write({"event": "start", "time": _now(), "config": cfg.to_dict(), **header})
         else:
             events.write({"event": "resume", "step": start_step, "time": _now(), **header})
     say(f"{len(layers)} GraphMoE layers; {parameter_report(inner)}; "
-        f"{accelerator.distributed_type.value}"
-        f"{' (FSDP2)' if getattr(accelerator, 'is_fsdp2', False) else ''} on {accelerator.device}"
+        f"{'one process' if world == 1 else accelerator.distributed_type.value}"
+        f"{' (FSDP2)' if getattr(accelerator, 'is_fsdp2', False) else ''}"
+        f"{' + FSDP2 (torch fully_shard)' if own_fsdp else ''} on {accelerator.device}"
         f", mixed precision {accelerator.mixed_precision}")
     say(f"{num_examples} training examples; {total_steps} steps of {cfg.batch_size} "
         f"({world} process{'es' if world > 1 else ''} × {accumulation} micro-batches of "
@@ -195,9 +233,13 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 torch.manual_seed(order.forward_seed(cfg.seed, step, j))
                 last = position == len(mine) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    # A tuple: DDP rebuilds a ModelOutput from its fields, and the aux_loss
-                    # field the GraphMoE hooks add is not one CausalLMOutputWithPast accepts.
+                if own_fsdp:  # reduce-scatter the gradients after the last micro-batch only
+                    model.set_requires_gradient_sync(last)
+                    sync = accelerator.autocast()  # prepare() does this for its models
+                else:
+                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with sync:
+                    # The loss is all we need; the per-round aux losses come from the layers.
                     loss = model(**batch, num_items_in_batch=n_items, return_dict=False)[0]
                     accelerator.backward(loss * world)
                 weight = sum(supervised[i] for i in mb) / n_items
@@ -253,8 +295,14 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
 
     final_counts = _global_counts(accelerator, inner)
     elapsed = elapsed_before + time.perf_counter() - t_start
+    # Sharded: every process gathers the full tensors (a collective), the main one writes them.
+    full = full_adapter_state(inner) if sharded else None
     if main:
-        write_atomic(out / ADAPTER_DIR, lambda tmp: save_adapter(inner, tmp))
+        if full is not None:
+            write_atomic(out / ADAPTER_DIR,
+                         lambda tmp: write_adapter(inner, full, metadata, tmp))
+        else:
+            write_atomic(out / ADAPTER_DIR, lambda tmp: save_adapter(inner, tmp))
         write_json(out / ROUTING_FILE, routing_document(
             final_counts, num_experts=gm_cfg.num_experts, num_rounds=gm_cfg.num_rounds,
             top_k=gm_cfg.top_k, phase="train", tokens=tokens))

@@ -67,6 +67,9 @@ class TrainConfig:
         mixed_precision: ``auto`` (bf16 on a CUDA device that has it, else none), ``no``,
             ``bf16``, ``fp16``.
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        fsdp: shard the model with FSDP2 (torch fully_shard): every decoder layer and the root;
+            the frozen base is sharded, the GraphMoE tensors are trained (resume and
+            save_every are refused under it for now).
         save_every: write a checkpoint every this many steps; 0: only the final adapter.
         log_every: print a log line and a routing event every this many steps.
         num_experts ... deterministic: the :class:`~graphmoe_fused.GraphMoEConfig` fields.
@@ -92,6 +95,7 @@ class TrainConfig:
     max_grad_norm: float = 0.0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     save_every: int = 0
     log_every: int = 10
     num_experts: int = _GM.num_experts
@@ -136,7 +140,7 @@ class TrainConfig:
             raise ValueError(f"data={self.data!r} must be a list of file paths")
         if not isinstance(self.builtin_task, str) or not self.builtin_task:
             raise ValueError(f"builtin_task={self.builtin_task!r} must be a task name")
-        for name in ("overwrite", "resume", "gradient_checkpointing"):
+        for name in ("overwrite", "resume", "gradient_checkpointing", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.overwrite and self.resume:
@@ -146,6 +150,9 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "save_every", "seed"):
             _check_int(name, getattr(self, name), 0)
+        if self.fsdp and (self.resume or self.save_every):
+            raise ValueError("fsdp does not support resume or save_every yet (no sharded "
+                             "checkpoints): drop them or run without fsdp")
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1)
         if self.cutoff_len < 2:

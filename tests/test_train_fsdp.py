@@ -1,0 +1,85 @@
+"""``--fsdp`` on two gloo processes (torch's ``fully_shard`` on every decoder layer and the
+root) trains the same steps as one unsharded process on the same global batch, writes the same
+adapter once, and really shards the frozen base (each process holds about half of it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from graphmoe_fused.training import TrainConfig, train
+
+from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
+from .test_train_distributed import LR, SETTINGS, STEPS, _flags, _free_port, _steps
+
+JSON_KEYS = {"graphmoe_config", "graphmoe_base_model"}  # metadata values that are JSON
+
+
+def test_fsdp_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = train(TrainConfig(output_dir=str(one), **SETTINGS), log=lambda _: None,
+                   progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "graphmoe_fused.training",
+           "--output-dir", str(two), "--no-progress", "--fsdp", *_flags(SETTINGS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done.") == 1  # the summary: rank 0 only
+    assert "fully_shard" in done.stdout
+
+    steps_two, events_two = _steps(two)
+    start = events_two[0]
+    assert start["event"] == "start" and start["world_size"] == 2 and start["config"]["fsdp"]
+    assert [e["event"] for e in events_two].count("start") == 1
+    assert [e["event"] for e in events_two].count("end") == 1
+    assert [e["step"] for e in steps_two] == [1, 2, 3]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    # the frozen base is sharded: each process holds about half of its elements
+    held, total = start["fsdp"]["base_elements_per_process"], start["fsdp"]["base_elements"]
+    assert len(held) == 2 and sum(held) == total
+    assert all(abs(n / total - 0.5) < 0.05 for n in held), (held, total)
+    assert "fsdp" not in _steps(one)[1][0]
+
+    losses_two = torch.tensor([e["loss"] for e in steps_two], dtype=torch.float64)
+    torch.testing.assert_close(losses_two, torch.tensor(single.losses, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    norms = torch.tensor([[e["grad_norm"] for e in steps_two],
+                          [e["grad_norm"] for e in _steps(one)[0]]], dtype=torch.float64)
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
+    aux_two = torch.tensor([e["aux_loss_per_round"] for e in steps_two], dtype=torch.float64)
+    torch.testing.assert_close(aux_two, torch.tensor(single.aux_losses_per_round,
+                                                     dtype=torch.float64), rtol=1e-5, atol=0)
+
+    # The adapter: full tensors (gathered), same names, shapes and metadata as unsharded.
+    file_one = one / "adapter" / "graphmoe_adapter.safetensors"
+    file_two = two / "adapter" / "graphmoe_adapter.safetensors"
+    a, b = load_file(str(file_one)), load_file(str(file_two))
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 0.01 * STEPS * LR, worst  # the tolerance of test_train_distributed
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 0.5 * LR
+    # (the flags give lora_alpha as 8.0, Python as 8: compare the JSON values)
+    with safe_open(str(file_one), "pt") as f1, safe_open(str(file_two), "pt") as f2:
+        m1, m2 = ({k: json.loads(v) if k in JSON_KEYS else v
+                   for k, v in f.metadata().items()} for f in (f1, f2))
+    assert m1 == m2 and m1["graphmoe_base_model"]["fingerprint"] is not None
+    assert json.loads((one / "adapter" / "graphmoe_config.json").read_text()) == \
+        json.loads((two / "adapter" / "graphmoe_config.json").read_text())
+    # the final multiple-choice eval ran on the sharded model too
+    assert [e["event"] for e in events_two].count("eval") == \
+        [e["event"] for e in _steps(one)[1]].count("eval") == 1
+
+
+@pytest.mark.parametrize("extra", [{"save_every": 1}, {"resume": True}])
+def test_fsdp_refuses_checkpoints(extra):
+    with pytest.raises(ValueError, match="fsdp does not support resume or save_every"):
+        TrainConfig(fsdp=True, output_dir="x", **extra)
