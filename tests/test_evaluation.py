@@ -362,13 +362,17 @@ def test_a_local_checkpoint_as_base(tmp_path, capsys, trained):
     assert stdout.splitlines()[2].split() == [first, "2", f"{100 * want.accuracy:.2f}", "-"]
 
 
-def test_an_adapter_of_another_base_warns(tmp_path, capsys, trained):
+def test_an_adapter_of_another_base_is_refused_unless_allowed(tmp_path, capsys, trained):
     _, first, _ = trained
     model, _ = load_base_model(None, seed=7)
     gm.apply_graphmoe(model, graphmoe_config(num_rounds=1))
     gm.save_adapter(model, tmp_path / "other")
-    status, _, err = _eval(["--adapter", str(tmp_path / "other"), "--data", first, "--no-base"],
-                           capsys)
+    argv = ["--adapter", str(tmp_path / "other"), "--data", first, "--no-base"]
+    status, stdout, err = _eval(argv, capsys)
+    assert status == 1 and stdout == ""
+    line = _one_error(err)
+    assert "was trained on base model" in line and "--allow-other-base" in line
+    status, _, err = _eval([*argv, "--allow-other-base"], capsys)
     assert status == 0, err
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "was trained on base model" in warning[0]

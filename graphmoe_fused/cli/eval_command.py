@@ -62,6 +62,9 @@ def add_parser(subparsers) -> None:
                    "their start (default 512)")
     p.add_argument("--no-base", dest="base", action="store_false",
                    help="skip the base model's column")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="evaluate an adapter that recorded another base model (refused by "
+                   "default: its weights differ from the ones it was trained on)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="write eval_results.json and routing_statistics.json here")
     p.add_argument("--overwrite", action="store_true",
@@ -105,7 +108,8 @@ def options_from(args: argparse.Namespace):
     else:
         dtype = getattr(torch, args.dtype)
     return EvalOptions(
-        model=args.model, adapter=args.adapter, data=list(args.data),
+        allow_other_base=args.allow_other_base, model=args.model, adapter=args.adapter,
+        data=list(args.data),
         perplexity=args.perplexity, prompt=args.prompt,
         max_new_tokens=args.max_new_tokens or 64, sample=args.sample,
         temperature=args.temperature or 1.0, top_p=args.top_p or 1.0, seed=args.seed,

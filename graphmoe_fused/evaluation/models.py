@@ -30,7 +30,9 @@ from ..config import GraphMoEConfig
 from ..hf.adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    adapter_base_identity,
     adapter_state_dict,
+    base_model_mismatch,
     load_adapter,
     load_adapter_config,
 )
@@ -94,17 +96,8 @@ def _skeleton(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def check_adapter_fits(model: nn.Module, directory: str | Path) -> GraphMoEConfig:
-    """Raises ``ValueError`` (one line) unless the adapter in ``directory`` loads onto
-    ``model``'s architecture: the model must convert with the adapter's config and the adapter's
-    tensors must be exactly the converted model's, shape for shape. Returns the saved config."""
-    saved = load_adapter_config(directory)
-    weights = Path(directory) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    skeleton = _skeleton(model)
-    if skeleton is None:
-        return saved
+def _check_shapes(skeleton: nn.Module, saved: GraphMoEConfig, directory: str | Path,
+                  weights: Path) -> None:
     try:
         apply_graphmoe(skeleton, GraphMoEConfig.from_dict({**saved.to_dict(),
                                                            "backend": "reference"}))
@@ -127,6 +120,26 @@ def check_adapter_fits(model: nn.Module, directory: str | Path) -> GraphMoEConfi
                 f"the adapter in {directory} does not fit this model's architecture: {key} has "
                 f"shape {shape}, the model expects {expected[key]}"
             )
+
+
+def check_adapter_fits(model: nn.Module, directory: str | Path,
+                       allow_other_base: bool = False) -> GraphMoEConfig:
+    """Raises ``ValueError`` (one line) unless the adapter in ``directory`` loads onto
+    ``model``'s architecture: the model must convert with the adapter's config and the adapter's
+    tensors must be exactly the converted model's, shape for shape; and, unless
+    ``allow_other_base``, the adapter must not record another base (its weights' fingerprint).
+    Returns the saved config."""
+    saved = load_adapter_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    skeleton = _skeleton(model)
+    if skeleton is not None:
+        _check_shapes(skeleton, saved, directory, weights)
+    if not allow_other_base:
+        problem = base_model_mismatch(adapter_base_identity(directory), model, str(directory))
+        if problem is not None:
+            raise ValueError(f"{problem}; pass --allow-other-base to evaluate it anyway")
     return saved
 
 

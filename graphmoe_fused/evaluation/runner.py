@@ -60,6 +60,7 @@ class EvalOptions:
     device: str = "cpu"
     dtype: torch.dtype | None = None
     backend: str = "auto"
+    allow_other_base: bool = False
 
 
 @dataclass
@@ -246,7 +247,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print,
     model, tokenizer = load_base_model(opts.model, dtype=opts.dtype, device=opts.device)
     _label_check(tokenizer, files)
     if source is not None and source.kind == "adapter":
-        check_adapter_fits(model, source.path)
+        check_adapter_fits(model, source.path, opts.allow_other_base)
 
     report = EvalReport(opts)
     if opts.base:

@@ -263,26 +263,38 @@ def _short(identity: dict[str, Any]) -> str:
     return f"{identity.get('name_or_path') or 'an unnamed model'} ({digest[:19]})"
 
 
-def check_base_model(saved: dict[str, Any] | None, model: nn.Module, source: str) -> None:
-    """Warns when the adapter from ``source`` (trained on ``saved``, a
-    :func:`base_model_identity`) is loaded onto a different base. Adapters that recorded no
-    identity load silently. The fingerprints decide when both exist; otherwise two different
-    recorded names do."""
+def base_model_mismatch(saved: dict[str, Any] | None, model: nn.Module,
+                        source: str) -> str | None:
+    """Why the adapter from ``source`` (trained on ``saved``, a :func:`base_model_identity`)
+    does not belong on ``model``'s base, in one sentence; ``None`` when it does or nothing can
+    tell (adapters that recorded no identity). The fingerprints decide when both exist;
+    otherwise two different recorded names do."""
     if not saved:
-        return
+        return None
     current = base_model_identity(model)
     verdict = same_base(saved.get("fingerprint"), current["fingerprint"])
     if verdict is None:
         names = saved.get("name_or_path"), current["name_or_path"]
         verdict = None if not all(names) else names[0] == names[1]
-    if verdict is False:
-        warnings.warn(
-            f"the GraphMoE adapter {source} was trained on base model {_short(saved)} but is being "
-            f"loaded onto {_short(current)}, whose weights differ: the adapter will not compute "
-            "what it was trained to. Load it onto the base it was trained on.",
-            UserWarning,
-            stacklevel=3,
-        )
+    if verdict is not False:
+        return None
+    return (f"the GraphMoE adapter {source} was trained on base model {_short(saved)} but is "
+            f"being loaded onto {_short(current)}, whose weights differ: the adapter will not "
+            "compute what it was trained to")
+
+
+def adapter_base_identity(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The base identity recorded in the adapter directory ``path`` (``None``: none recorded)."""
+    with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as f:
+        return saved_base_model(f.metadata())
+
+
+def check_base_model(saved: dict[str, Any] | None, model: nn.Module, source: str) -> None:
+    """Warns (``UserWarning``) when :func:`base_model_mismatch` finds one."""
+    problem = base_model_mismatch(saved, model, source)
+    if problem is not None:
+        warnings.warn(f"{problem}. Load it onto the base it was trained on.", UserWarning,
+                      stacklevel=3)
 
 
 def _graphmoe_config_of(model: nn.Module) -> GraphMoEConfig:
