@@ -235,3 +235,10 @@ def test_cli_trains_and_prints_a_summary(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("graphmoe-fused train: error:")
     assert "not empty" in err[0]
+
+
+def test_triton_backend_where_it_cannot_run_is_refused(tmp_path, monkeypatch):
+    # A machine without the triton package (macOS, Windows): refused before anything is written.
+    monkeypatch.setattr("graphmoe_fused.backends.triton.triton_available", lambda: False)
+    _refused(tmp_path, ValueError, "backend='triton': .* needs the triton package",
+             backend="triton")

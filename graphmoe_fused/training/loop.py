@@ -123,6 +123,12 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
     main = state.is_main_process
     say: Log = log if main else (lambda _line: None)
     prep = _prepare(cfg, state.num_processes, say)
+    if prep.config.backend == "triton":  # refused before the output directory is written
+        from ..backends.triton import unavailable_reason
+
+        reason = unavailable_reason(state.device)
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}")
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=_mixed_precision(prep.config.mixed_precision),
         # With one round the GRU is never used: DDP must not wait for its gradients.
