@@ -103,3 +103,23 @@ def test_several_seeds_report_the_mean_of_their_arms(tmp_path):
     assert summary["mean"]["T=2"]["routing_change"] == pytest.approx(
         [(two[0].routing_change[0] + two[1].routing_change[0]) / 2])
     assert two[0].result.losses != two[1].result.losses  # the seeds trained different adapters
+
+
+def test_an_arm_trained_with_triton_is_scored_with_the_backend_this_machine_runs(
+        arms, monkeypatch):
+    # An adapter trained on a GPU names the triton backend; scoring it where triton cannot run
+    # must not fail (it did, after the first arm, leaving no experiment.json).
+    from graphmoe_fused.experiments.rounds import _score
+
+    out, (_, three) = arms
+    adapter = out / "T3" / "adapter"
+    config_file = adapter / "graphmoe_config.json"
+    saved = config_file.read_text()
+    config_file.write_text(saved.replace('"backend": "torch"', '"backend": "triton"'))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the session interprets; a user's CPU does not
+    monkeypatch.setattr("graphmoe_fused.backends.triton.triton_available", lambda: False)
+    try:
+        accuracy, change = _score(three.result.config, adapter)
+    finally:
+        config_file.write_text(saved)
+    assert accuracy == three.accuracy and change == three.routing_change

@@ -55,10 +55,12 @@ class RoundsArm:
 
 
 def _score(cfg: TrainConfig, adapter: Path) -> tuple[dict[str, float], list[float]]:
-    """The trained arm reloaded from its saved adapter: accuracy per eval split and the routing
-    change between rounds on the same questions."""
-    model, tokenizer = load_base_model(cfg.model)
-    load_adapter(model, adapter)
+    """The trained arm reloaded from its saved adapter (what a user gets back, scored on the
+    device training ran on, with the backend that device runs): accuracy per eval split and the
+    routing change between rounds on the same questions."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_base_model(cfg.model, device=device)
+    load_adapter(model, adapter, backend="auto")
     accuracy, per_layer = {}, []
     with trace_routing(model) as traces:
         for name, examples in builtin_task(cfg.builtin_task).eval.items():
