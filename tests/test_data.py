@@ -23,6 +23,7 @@ from graphmoe_fused.data import (
     encode_prompt,
     label_token_ids,
     load_data_files,
+    pad_token_id,
     read_jsonl,
     render_instruction,
     render_multiple_choice,
@@ -359,3 +360,34 @@ def test_chain_task_examples_are_short_four_way_and_whole_words(tok):
         assert not [i for i in ids if 4 <= i < 260], ex.prompt
     # every answer letter is used in training, so no label is learnt as "never the answer"
     assert {ex.answer for ex in task.train} == {"A", "B", "C", "D"}
+
+
+def test_read_jsonl_splits_on_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 stay raw in JSON written with ensure_ascii=False: they are
+    part of a string, not line ends (str.splitlines would break the record there)."""
+    path = tmp_path / "u.jsonl"
+    odd = "x\u2028y\u2029z\x85w"
+    rows = [{"instruction": odd, "output": "o"}, {"question": odd, "choices": ["p", "q"],
+                                                   "answer": 1}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+                    + "\n{bad\n", encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: invalid JSON")):
+        read_jsonl(path)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    first, second = read_jsonl(path)
+    assert odd in first.prompt and first.source == f"{path}:1"
+    assert odd in second.prompt and second.source == f"{path}:2" and second.answer == "B"
+
+
+def test_pad_token_id_is_pad_else_eos_else_zero(tok):
+    class FakeTokenizer:
+        def __init__(self, pad, eos):
+            self.pad_token_id, self.eos_token_id = pad, eos
+
+    assert pad_token_id(FakeTokenizer(3, 5)) == 3
+    assert pad_token_id(FakeTokenizer(None, 5)) == 5
+    assert pad_token_id(FakeTokenizer(0, 5)) == 0
+    assert pad_token_id(FakeTokenizer(None, None)) == 0
+    assert pad_token_id(object()) == 0
+    assert pad_token_id(tok) == tok.pad_token_id

@@ -201,6 +201,27 @@ def test_perplexity_files(tmp_path):
         read_documents(tmp_path / "missing.txt")
 
 
+# Characters str.splitlines() breaks on that JSON (ensure_ascii=False) leaves raw in a string.
+LINE_BREAKS_IN_STRINGS = "a\u2028b\u2029c\x85d"
+
+
+def test_perplexity_files_split_on_newlines_only(tmp_path):
+    lines = tmp_path / "text.jsonl"
+    records = [{"text": LINE_BREAKS_IN_STRINGS}, {"text": "two"}]
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records)
+                     + "{oops\n", encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=r"text.jsonl:3: not valid JSON"):
+        read_documents(lines)
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                     encoding="utf-8")
+    assert read_documents(lines) == [LINE_BREAKS_IN_STRINGS, "two"]
+    txt = tmp_path / "doc.txt"
+    txt.write_text(f"one {LINE_BREAKS_IN_STRINGS}\x0c\x0b\x1cstill one\n\nsecond\n",
+                   encoding="utf-8")
+    assert read_documents(txt) == [f"one {LINE_BREAKS_IN_STRINGS}\x0c\x0b\x1cstill one",
+                                   "second"]
+
+
 # --- generation --------------------------------------------------------------------------------
 
 
@@ -399,6 +420,51 @@ def test_bad_adapters_are_one_line(case, tmp_path, capsys, trained):
     assert "base:" not in err  # refused before the base was evaluated
 
 
+def test_every_example_of_every_file_is_checked_before_any_model_runs(trained, tmp_path,
+                                                                       capsys):
+    _, first, _ = trained
+    instructions = _write_mc(tmp_path / "inst.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    status, out, err = _eval(["--data", first, instructions], capsys)
+    assert status == 1
+    assert f"{instructions}:1: not a multiple-choice example" in _one_error(err)
+    assert "base:" not in err and not out  # refused before the base column
+
+
+def test_the_routing_document_format():
+    from graphmoe_fused.hf.stats import routing_document
+
+    counts = {"model.layers.1.mlp": torch.tensor([[3, 1, 0], [2, 1, 1]]),
+              "model.layers.0.mlp": torch.tensor([[2, 2, 0], [0, 1, 3]])}
+    doc = routing_document(counts, num_experts=3, num_rounds=2, top_k=2, phase="eval")
+    assert list(doc) == ["num_experts", "num_rounds", "top_k", "phase", "tokens", "layers"]
+    assert doc == {"num_experts": 3, "num_rounds": 2, "top_k": 2, "phase": "eval", "tokens": 2,
+                   "layers": {"model.layers.1.mlp": [[3, 1, 0], [2, 1, 1]],
+                              "model.layers.0.mlp": [[2, 2, 0], [0, 1, 3]]}}
+    assert list(doc["layers"]) == list(counts)  # the model's layer order
+    given = routing_document(counts, num_experts=3, num_rounds=2, top_k=2, phase="train",
+                             tokens=torch.tensor(7))
+    assert given["tokens"] == 7 and type(given["tokens"]) is int and given["phase"] == "train"
+    assert all(type(v) is int for rows in given["layers"].values() for row in rows for v in row)
+
+
+def test_evaluation_shares_the_data_and_stats_helpers():
+    import importlib
+
+    from graphmoe_fused.data import collate, pad_token_id
+    from graphmoe_fused.evaluation import batching, generation, multiple_choice, runner
+    from graphmoe_fused.hf import stats
+
+    # (the package's ``perplexity`` is the function, which hides the module of that name)
+    perplexity_module = importlib.import_module("graphmoe_fused.evaluation.perplexity")
+
+    assert not hasattr(batching, "pad_id") and not hasattr(batching, "right_padded")
+    for module in (generation, multiple_choice, perplexity_module):
+        assert module.pad_token_id is pad_token_id
+    for module in (multiple_choice, perplexity_module):
+        assert module.collate is collate
+    assert runner.routing_document is stats.routing_document
+
+
 @pytest.mark.parametrize("argv, status, message", [
     (["--temperature", "0.5"], 1, "--temperature applies only with --sample"),
     (["--sample"], 1, "--sample applies only with --prompt"),
@@ -406,6 +472,7 @@ def test_bad_adapters_are_one_line(case, tmp_path, capsys, trained):
     (["--no-base"], 1, "--no-base) needs --adapter"),
     (["--data", "nowhere.jsonl"], 1, "nowhere.jsonl"),
     (["--batch-size", "0"], 2, "0 is not an integer >= 1"),
+    (["--cutoff-len", "1"], 2, "1 is not an integer >= 2"),
     (["--model", "no/such/model"], 1, "no/such/model"),
 ])
 def test_bad_flags_are_one_line(argv, status, message, capsys):

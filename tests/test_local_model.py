@@ -128,6 +128,18 @@ def test_no_tokenizer_or_no_weights(tmp_path, checkpoint):
         load_base_model(str(tmp_path / "config_only"))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_are_one_line(tmp_path, damage):
+    directory = save_builtin_model(tmp_path / damage)
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
+    with pytest.raises(ValueError, match=re.escape(f"{directory}: cannot load the weights: ")) \
+            as info:
+        load_base_model(str(directory))
+    assert "\n" not in str(info.value)
+
+
 def test_missing_pad_token_becomes_eos(tmp_path):
     model, tok = load_base_model(None)
     no_pad = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>",

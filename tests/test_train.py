@@ -242,3 +242,121 @@ def test_triton_backend_where_it_cannot_run_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("graphmoe_fused.backends.triton.triton_available", lambda: False)
     _refused(tmp_path, ValueError, "backend='triton': .* needs the triton package",
              backend="triton")
+
+
+# --- dtypes, host syncs, --overwrite, placement -------------------------------------------------
+
+
+def _bf16_checkpoint(directory: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    save_builtin_model(directory)
+    AutoModelForCausalLM.from_pretrained(directory).to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+def test_bf16_checkpoint_trains_float32_adapter(tmp_path):
+    model_dir = _bf16_checkpoint(tmp_path / "bf16")
+    # without autocast (the CPU default) the layers need one dtype: all of it in float32
+    lines: list[str] = []
+    train(_config(tmp_path / "plain", model=str(model_dir), max_steps=1), log=lines.append,
+          progress=False)
+    start = _events(tmp_path / "plain")[0]
+    assert (start["adapter_dtype"], start["base_dtype"]) == ("float32", "float32")
+    assert any("adapter float32, base float32" in line for line in lines)
+    assert {t.dtype for t in _adapter(tmp_path / "plain" / "adapter").values()} == {torch.float32}
+    # under bf16 autocast the base stays in bf16; the trained tensors are float32 all the same
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # one process, one mixed precision: let this run set its own
+    try:
+        result = train(_config(tmp_path / "mixed", model=str(model_dir), max_steps=2,
+                               mixed_precision="bf16"), log=_quiet, progress=False)
+    finally:
+        AcceleratorState._reset_state()
+    start = _events(tmp_path / "mixed")[0]
+    assert (start["adapter_dtype"], start["base_dtype"]) == ("float32", "bfloat16")
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    trained = _adapter(tmp_path / "mixed" / "adapter")
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert max(t.abs().max().item() for k, t in trained.items() if "lora_B" in k) > 0
+
+
+def test_one_host_copy_per_step(tmp_path, monkeypatch):
+    # The micro-batch loop keeps its sums on the device: train() itself copies to the host once
+    # per step (the step's totals), not per layer and micro-batch.
+    from graphmoe_fused.training import loop
+
+    calls = []
+    original = torch.Tensor.cpu
+
+    def counting(self, *args, **kwargs):
+        import sys
+
+        frame = sys._getframe(1)
+        if frame.f_code.co_filename == loop.__file__ and frame.f_code.co_name == "train":
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting)
+    result = train(_config(tmp_path / "run", max_steps=2), log=_quiet, progress=False)
+    assert len(calls) == 2 and len(result.losses) == 2
+
+
+def test_overwrite_removes_the_previous_results_first(tmp_path):
+    out = tmp_path / "run"
+    train(_config(out, max_steps=2, save_every=1), log=_quiet, progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "keep-me").mkdir()
+    assert (out / "adapter").is_dir() and (out / "routing_statistics.json").is_file()
+
+    def crash(_record):
+        raise _Stop
+
+    with pytest.raises(_Stop):  # the new run dies in its first step
+        train(_config(out, max_steps=2, overwrite=True), log=_quiet, progress=False,
+              on_step=crash)
+    assert not (out / "adapter").exists() and not (out / "routing_statistics.json").exists()
+    assert not list((out / "checkpoints").glob("step-*"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoints" / "keep-me").is_dir()
+    assert _events(out)[0]["config"]["overwrite"] is True  # the new run's log, alone
+
+
+def test_evaluate_leaves_the_mode_to_multiple_choice_accuracy(monkeypatch):
+    from graphmoe_fused.evaluation import multiple_choice
+    from graphmoe_fused.training import loop
+
+    model = torch.nn.Linear(2, 2)
+    modes = []
+
+    def fake(m, tokenizer, examples, **_kwargs):
+        modes.append(m.training)
+
+        class Result:
+            accuracy = 0.5
+        return Result()
+
+    monkeypatch.setattr(multiple_choice, "multiple_choice_accuracy", fake)
+    prep = loop._Prepared(TrainConfig(), Path("."), model, None, [], {"a": [1], "b": [2]}, None)
+    toggled = []
+    monkeypatch.setattr(torch.nn.Module, "train",
+                        lambda self, mode=True: toggled.append(mode) or self)
+    assert loop._evaluate(model, prep, TrainConfig(), _quiet) == {"a": 0.5, "b": 0.5}
+    assert toggled == [] and modes == [True, True]
+
+
+def test_own_fsdp_shards_from_the_cpu(monkeypatch):
+    # shard_model gets the model still on the CPU (fully_shard moves each process's shards to
+    # the device itself): the whole base never lands on the device first.
+    from graphmoe_fused.hf.local_model import builtin_model
+    from graphmoe_fused.training import loop, sharding
+
+    seen = []
+    monkeypatch.setattr(loop, "shard_model", lambda model, device, world: seen.append(
+        ({p.device.type for p in model.parameters()}, device.type, world)))
+    model = builtin_model()
+    loop._shard_from_cpu(model, torch.device("meta"), 2)
+    assert seen == [({"cpu"}, "meta", 2)]
+    # what fully_shard does not manage is moved afterwards (here: all of it, nothing is sharded)
+    sharding.move_remaining(model, torch.device("meta"))
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}

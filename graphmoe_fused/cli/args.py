@@ -38,18 +38,24 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int) -> int:
     value = integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= {minimum}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
-    return value
+    return _int_at_least(text, 0)
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def int_at_least_two(text: str) -> int:
+    """An integer >= 2 (``--cutoff-len``: a token and the one predicted from it)."""
+    return _int_at_least(text, 2)
 
 
 def _number(text: str) -> float:
@@ -70,20 +76,6 @@ def positive_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-    return value
-
-
-def probability(text: str) -> float:
-    value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
     return value
 
 

@@ -7,7 +7,14 @@ import argparse
 import sys
 
 from ..config import BACKENDS
-from .args import finite_float, non_negative_int, positive_float, positive_int, run_guarded
+from .args import (
+    finite_float,
+    int_at_least_two,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_guarded,
+)
 
 PROG = "graphmoe-fused eval"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -57,9 +64,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="examples per forward (default 8)")
-    p.add_argument("--cutoff-len", type=positive_int, default=512, metavar="N",
-                   help="longest prompt/document in tokens: prompts keep their end, documents "
-                   "their start (default 512)")
+    p.add_argument("--cutoff-len", type=int_at_least_two, default=512, metavar="N",
+                   help="longest prompt/document in tokens, at least 2: prompts keep their end, "
+                   "documents their start (default 512)")
     p.add_argument("--no-base", dest="base", action="store_false",
                    help="skip the base model's column")
     p.add_argument("--allow-other-base", action="store_true",

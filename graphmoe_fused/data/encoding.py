@@ -1,5 +1,5 @@
 """Examples to token ids: supervised features for training, prompts for evaluation, the label
-tokens of multiple choice, and right-padded batches."""
+tokens of multiple choice, and right-padded batches (for training and evaluation alike)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,17 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -
                              f"{len(extra)} tokens: {tokenizer.convert_ids_to_tokens(extra)})")
         ids.append(extra[0])
     return ids
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad batches with: the tokenizer's pad id, else its EOS id, else 0. Which one
+    never matters to the results: pad positions come after every real token, are masked out of
+    attention and carry label ``-100``."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

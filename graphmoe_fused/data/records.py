@@ -13,7 +13,7 @@ Other keys are ignored (datasets often carry ids or categories). Every problem i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,18 @@ def parse_record(obj: Any, where: str) -> Example:
                     f"multiple-choice record (question, choices, answer)")
 
 
+def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
+    r"""``(line number from 1, line)`` of ``text`` split on ``"\n"`` alone (a trailing ``"\r"``
+    dropped). Not ``str.splitlines``: that also breaks on U+2028, U+2029, U+0085, ``\x0b``,
+    ``\x0c``, ``\x1c``..``\x1e``, and JSON written with ``ensure_ascii=False`` keeps the first
+    three raw inside its strings."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline ends the last line, it does not start another
+    for number, line in enumerate(lines, start=1):
+        yield number, line.removesuffix("\r")
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Every example of the JSONL file ``path`` (blank lines skipped), checked line by line.
 
@@ -142,7 +154,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     examples = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in numbered_lines(text):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

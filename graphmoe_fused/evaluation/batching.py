@@ -1,5 +1,6 @@
 """What the evaluations share: where the model's inputs go, eval mode for the duration of a run,
-and right-padded batches whose padding cannot change any real token's output.
+and batches grouped by length. The batches are right-padded (``data.collate``, with
+``data.pad_token_id``), so padding cannot change any real token's output.
 
 Right padding (not left): with a causal mask a token never attends to the positions after it, so
 the pad tokens at the end of a row change nothing before them, and every real token keeps its
@@ -36,28 +37,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def right_padded(rows: Sequence[Sequence[int]], pad_token_id: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of ``rows``, right-padded to the longest one."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tokenizer) -> int:
-    """The tokenizer's pad id, else its eos id, else 0: which one never matters here, since pad
-    positions are masked out and come after every real token."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

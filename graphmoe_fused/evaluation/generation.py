@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-from .batching import evaluating, input_device, pad_id
+from ..data import pad_token_id
+from .batching import evaluating, input_device
 
 
 def _check(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -39,7 +40,7 @@ def generate_ids(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int =
     device = input_device(model)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True,
-                "pad_token_id": pad_id(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+                "pad_token_id": pad_token_id(tokenizer), "eos_token_id": tokenizer.eos_token_id}
     if do_sample:
         # top_k=0: no top-k cut besides top_p (transformers' default would keep only 50).
         settings.update(temperature=float(temperature), top_p=float(top_p), top_k=0)

@@ -16,14 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import (
-    check_cutoff,
-    evaluating,
-    input_device,
-    length_batches,
-    pad_id,
-    right_padded,
-)
+from ..data import collate, pad_token_id
+from .batching import check_cutoff, evaluating, input_device, length_batches
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,9 @@ class MCResult:
         return self.correct / self.total if self.total else 0.0
 
 
-def _check_example(example) -> None:
+def check_example(example) -> None:
+    """Refuses (``ValueError`` naming ``example.source``) an example that is not multiple choice
+    or whose answer is not one of its labels."""
     where = example.source or "example"
     if not example.choices or example.answer is None:
         raise ValueError(f"{where}: not a multiple-choice example (it has no choices or answer)")
@@ -94,7 +90,7 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer, examples: Sequence,
     if not examples:
         raise ValueError("no examples to evaluate")
     for example in examples:
-        _check_example(example)
+        check_example(example)
     label_ids: dict[tuple[str, ...], list[int]] = {}
     for example in examples:
         if example.choices not in label_ids:
@@ -109,7 +105,9 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer, examples: Sequence,
     scores: list[tuple[float, ...]] = [()] * len(examples)
     with evaluating(model):
         for batch in length_batches([len(p) for p in prompts], batch_size):
-            ids, mask = right_padded([prompts[i] for i in batch], pad_id(tokenizer), device)
+            padded = collate([{"input_ids": prompts[i], "attention_mask": [1] * len(prompts[i])}
+                              for i in batch], pad_token_id(tokenizer))
+            ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
             logits = last_token_logits(model, ids, mask).cpu()
             for row, i in enumerate(batch):
                 choices = examples[i].choices

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import check_cutoff, evaluating, input_device, length_batches, pad_id, right_padded
+from ..data import collate, pad_token_id
+from ..data.records import numbered_lines
+from .batching import check_cutoff, evaluating, input_device, length_batches
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -75,7 +77,9 @@ def perplexity_stats(model: nn.Module, tokenizer, texts_or_examples: Sequence,
     nll, tokens = 0.0, 0
     with evaluating(model):
         for batch in length_batches([len(d) for d in documents], batch_size):
-            ids, mask = right_padded([documents[i] for i in batch], pad_id(tokenizer), device)
+            padded = collate([{"input_ids": documents[i], "attention_mask": [1] * len(documents[i])}
+                              for i in batch], pad_token_id(tokenizer))
+            ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nll += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
@@ -95,7 +99,7 @@ def perplexity(model: nn.Module, tokenizer, texts_or_examples: Sequence, cutoff_
 def _paragraphs(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
     documents, current = [], []
-    for line in text.splitlines():
+    for _, line in numbered_lines(text):  # "\n" only: a form feed or U+2028 is kept as text
         if line.strip():
             current.append(line)
         elif current:
@@ -112,7 +116,7 @@ def _text_lines(path: Path) -> list[str] | None:
     from ..data import DataError
 
     documents: list[str] | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in numbered_lines(path.read_text(encoding="utf-8")):
         if not line.strip():
             continue
         try:

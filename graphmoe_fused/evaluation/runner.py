@@ -1,10 +1,10 @@
 """``graphmoe-fused eval`` without the command line: the base model and the GraphMoE-converted
 one side by side on multiple-choice files, a perplexity file and a prompt.
 
-Order of work: every input is checked first (output directory, adapter layout, data files,
-perplexity file, model, label tokens, whether the adapter fits the model), then the base is
-evaluated, then converted in place with the adapter (one copy of the weights in memory) and
-evaluated again.
+Order of work: every input is checked first (output directory, adapter layout, data files and
+every example in them, perplexity file, model, label tokens, whether the adapter fits the
+model), then the base is evaluated, then converted in place with the adapter (one copy of the
+weights in memory) and evaluated again.
 
 What the routing statistics cover: every token the converted model read during the
 multiple-choice and perplexity evaluation (padding excluded); generation is left out (its
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..hf.convert import CONFIG_ATTRIBUTE
-from ..hf.stats import reset_routing_statistics, routing_statistics
+from ..hf.stats import reset_routing_statistics, routing_document, routing_statistics
 from .generation import generate
 from .models import AdapterSource, check_adapter_fits, convert_with_adapter, resolve_adapter
-from .multiple_choice import MCResult, multiple_choice_accuracy, overall
+from .multiple_choice import MCResult, check_example, multiple_choice_accuracy, overall
 from .perplexity import PerplexityResult, perplexity_stats, read_documents
 
 RESULTS_NAME = "eval_results.json"
@@ -153,19 +153,11 @@ def write_outputs(report: EvalReport, out: str | Path) -> list[Path]:
     return written
 
 
-def routing_document(model: nn.Module) -> dict[str, Any]:
-    """``routing_statistics.json`` of ``model``'s counts since the last reset (phase ``eval``).
-    ``tokens``: every token picks ``top_k`` experts in round 1, so it is that round's total over
-    ``top_k`` (of any layer: they all see the same tokens)."""
+def _routing_document(model: nn.Module) -> dict[str, Any]:
+    """``routing_statistics.json`` of ``model``'s counts since the last reset (phase ``eval``)."""
     config = getattr(model, CONFIG_ATTRIBUTE)
-    counts = routing_statistics(model)
-    first = next(iter(counts.values()))
-    return {
-        "num_experts": config.num_experts, "num_rounds": config.num_rounds,
-        "top_k": config.top_k, "phase": "eval",
-        "tokens": int(first[0].sum()) // config.top_k,
-        "layers": {name: c.tolist() for name, c in counts.items()},
-    }
+    return routing_document(routing_statistics(model), num_experts=config.num_experts,
+                            num_rounds=config.num_rounds, top_k=config.top_k, phase="eval")
 
 
 def load_inputs(opts: EvalOptions) -> tuple[dict[str, list], list | None]:
@@ -185,6 +177,14 @@ def load_inputs(opts: EvalOptions) -> tuple[dict[str, list], list | None]:
 def _check_options(opts: EvalOptions) -> None:
     if not opts.base and opts.adapter is None:
         raise ValueError("nothing to evaluate: skipping the base (--no-base) needs --adapter")
+
+
+def _check_examples(files: dict[str, list]) -> None:
+    """Every example of every file is multiple choice with its answer among its labels (before
+    any model loads): a one-line error naming the file and line otherwise."""
+    for examples in files.values():
+        for example in examples:
+            check_example(example)
 
 
 def _label_check(tokenizer, files: dict[str, list]) -> None:
@@ -244,6 +244,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print,
     check_output_dir(opts.out, opts.overwrite)
     source: AdapterSource | None = resolve_adapter(opts.adapter) if opts.adapter else None
     files, documents = load_inputs(opts)
+    _check_examples(files)
     model, tokenizer = load_base_model(opts.model, dtype=opts.dtype, device=opts.device)
     _label_check(tokenizer, files)
     if source is not None and source.kind == "adapter":
@@ -264,7 +265,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print,
         reset_routing_statistics(model)
         _evaluate_column(model, tokenizer, opts, files, documents, "graphmoe", report, log)
         if files or documents is not None:
-            report.routing = routing_document(model)
+            report.routing = _routing_document(model)
         _generate_column(model, tokenizer, opts, "graphmoe", report)
     if opts.out is not None:
         write_outputs(report, opts.out)

@@ -306,11 +306,29 @@ def _graphmoe_config_of(model: nn.Module) -> GraphMoEConfig:
     return config
 
 
-def adapter_metadata(model: nn.Module, config: GraphMoEConfig) -> dict[str, str]:
-    """The safetensors metadata of an adapter file: version, config and base identity."""
+def adapter_metadata(model: nn.Module, config: GraphMoEConfig,
+                     identity: dict[str, Any] | None = None) -> dict[str, str]:
+    """The safetensors metadata of an adapter file: version, config and base identity
+    (``identity``, or :func:`base_model_identity` of ``model`` when ``None``)."""
+    identity = base_model_identity(model) if identity is None else identity
     return {"format": "pt", "graphmoe_fused_version": __version__,
             "graphmoe_config": config.to_json(),
-            BASE_MODEL_KEY: json.dumps(base_model_identity(model), sort_keys=True)}
+            BASE_MODEL_KEY: json.dumps(identity, sort_keys=True)}
+
+
+def write_adapter_files(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str], config: GraphMoEConfig) -> Path:
+    """Writes the adapter files from precomputed parts: ``tensors`` (canonical names, plain
+    tensors; moved to the CPU here) with ``metadata`` (:func:`adapter_metadata`) as
+    ``path/graphmoe_adapter.safetensors``, and ``config`` as ``path/graphmoe_config.json``.
+    The one writer behind :func:`save_adapter` and the sharded (FSDP) saves. Returns the
+    directory."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+    (directory / CONFIG_NAME).write_text(config.to_json() + "\n", encoding="utf-8")
+    return directory
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -324,12 +342,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         ValueError: ``model`` is not a converted model.
     """
     config = _graphmoe_config_of(model)
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=adapter_metadata(model, config))
-    (directory / CONFIG_NAME).write_text(config.to_json() + "\n", encoding="utf-8")
-    return directory
+    return write_adapter_files(path, adapter_state_dict(model), adapter_metadata(model, config),
+                               config)
 
 
 def load_adapter_config(path: str | os.PathLike) -> GraphMoEConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -64,8 +65,7 @@ def _load_local(path: str, dtype: torch.dtype | None) -> tuple[nn.Module, PreTra
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot read config.json: {first}") from None
+        raise ValueError(f"{path}: cannot read config.json: {_first_line(e)}") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{path}: model type {config.model_type!r} is not a causal language "
                          "model (no AutoModelForCausalLM class for it)")
@@ -78,13 +78,22 @@ def _load_local(path: str, dtype: torch.dtype | None) -> tuple[nn.Module, PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load the tokenizer: {first}") from None
+        raise ValueError(f"{path}: cannot load the tokenizer: {_first_line(e)}") from None
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        # a truncated or corrupt weights file: one line, not the loader's traceback
+        raise ValueError(f"{path}: cannot load the weights: {_first_line(e)}") from None
     return model, tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type's name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_base_model(path: str | None, *, dtype: torch.dtype | None = None,

@@ -3,7 +3,9 @@ trainable-parameter share (the paper's "Param" column)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,25 @@ def reset_routing_statistics(model: nn.Module) -> None:
     """Zeroes the expert counts of every GraphMoE layer in ``model``."""
     for layer in graphmoe_layers(model).values():
         layer.reset_routing_stats()
+
+
+def counts_to_lists(counts: Mapping[str, torch.Tensor]) -> dict[str, list[list[int]]]:
+    """``counts`` (as from :func:`routing_statistics`) as JSON-ready nested lists of ints."""
+    return {name: [[int(v) for v in row] for row in c.tolist()] for name, c in counts.items()}
+
+
+def routing_document(counts: Mapping[str, torch.Tensor], *, num_experts: int, num_rounds: int,
+                     top_k: int, phase: str, tokens: int | None = None) -> dict[str, Any]:
+    """The ``routing_statistics.json`` object that training and evaluation write: ``{num_experts,
+    num_rounds, top_k, phase, tokens, layers: {layer name: [T][n] counts}}``, in that key order.
+
+    ``tokens`` None: every token picks ``top_k`` experts in round 1, so it is that round's total
+    over ``top_k``, of any layer (they all see the same tokens); 0 without layers."""
+    if tokens is None:
+        first = next(iter(counts.values()), None)
+        tokens = 0 if first is None else int(first[0].sum()) // top_k
+    return {"num_experts": num_experts, "num_rounds": num_rounds, "top_k": top_k,
+            "phase": phase, "tokens": int(tokens), "layers": counts_to_lists(counts)}
 
 
 def routing_fractions(counts: torch.Tensor) -> torch.Tensor:

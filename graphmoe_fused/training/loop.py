@@ -31,7 +31,7 @@ import torch
 
 from ..hf.adapters import save_adapter
 from ..hf.convert import apply_graphmoe, graphmoe_layers
-from ..hf.stats import parameter_report, routing_statistics
+from ..hf.stats import counts_to_lists, parameter_report, routing_document, routing_statistics
 from . import batches as order
 from .checkpoint import load_checkpoint, save_checkpoint
 from .outputs import (
@@ -42,12 +42,10 @@ from .outputs import (
     ROUTING_FILE,
     EventLog,
     check_output_dir,
-    counts_to_lists,
     default_output_dir,
     newest_checkpoint,
     read_events,
-    remove_our_checkpoints,
-    routing_document,
+    remove_previous_results,
     write_atomic,
     write_json,
 )
@@ -154,20 +152,20 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
                          "checkpoints): drop them or run without FSDP")
     accumulation = cfg.accumulation_steps(world)
     model = prep.model
+    dtypes = _training_dtypes(model, autocast=accelerator.mixed_precision != "no")
 
     accelerator.wait_for_everyone()  # every process has checked the directory before it fills
     if main:  # validated: from here on we write
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite:
-            remove_our_checkpoints(out)
+        if cfg.overwrite:  # a crashed run must not leave the old adapter beside its config
+            remove_previous_results(out)
         write_json(out / CONFIG_FILE, cfg.to_dict())
     accelerator.wait_for_everyone()
 
     # The base fingerprint of the adapter's metadata reads the whole base: before sharding.
     metadata = unsharded_metadata(model) if sharded else None
     if own_fsdp:
-        model.to(accelerator.device)
-        shard_model(model, accelerator.device, world)
+        _shard_from_cpu(model, accelerator.device, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if own_fsdp:  # not accelerate's DDP: only the optimizer goes through prepare
@@ -198,7 +196,7 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         if main else None
     gm_cfg = cfg.graphmoe_config()
     header = {"world_size": world, "num_layers": len(layers), "num_experts": gm_cfg.num_experts,
-              "num_rounds": gm_cfg.num_rounds, "top_k": gm_cfg.top_k}
+              "num_rounds": gm_cfg.num_rounds, "top_k": gm_cfg.top_k, **dtypes}
     if sharded:  # what each process holds of the frozen base (all of it, unsharded)
         local, total = local_base_elements(inner)
         held = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu()
@@ -213,15 +211,17 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         f"{'one process' if world == 1 else accelerator.distributed_type.value}"
         f"{' (FSDP2)' if getattr(accelerator, 'is_fsdp2', False) else ''}"
         f"{' + FSDP2 (torch fully_shard)' if own_fsdp else ''} on {accelerator.device}"
-        f", mixed precision {accelerator.mixed_precision}")
+        f", mixed precision {accelerator.mixed_precision}; adapter {dtypes['adapter_dtype']}, "
+        f"base {dtypes['base_dtype']}")
     say(f"{num_examples} training examples; {total_steps} steps of {cfg.batch_size} "
         f"({world} process{'es' if world > 1 else ''} × {accumulation} micro-batches of "
         f"{cfg.micro_batch_size}); output: {out}")
 
     bar = _progress_bar(total_steps, start_step, enabled=progress and main)
     coef = gm_cfg.router_aux_loss_coef
-    pad_id = _pad_id(prep.tokenizer)
-    from ..data import collate
+    from ..data import collate, pad_token_id
+
+    pad_id = pad_token_id(prep.tokenizer)
 
     supervised = [sum(1 for t in f["labels"][1:] if t != -100) for f in prep.features]
     lengths = [sum(f["attention_mask"]) for f in prep.features]
@@ -233,7 +233,9 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
             n_items = sum(supervised[i] for i in indices)
             micros = order.micro_batches(indices, cfg.micro_batch_size)
             mine = [(j, mb) for j, mb in enumerate(micros) if j % world == rank]
-            totals = torch.zeros(1 + gm_cfg.num_rounds, dtype=torch.float64)
+            # on the device: no host sync per micro-batch, one .cpu() per step
+            totals = torch.zeros(1 + gm_cfg.num_rounds, dtype=torch.float64,
+                                 device=accelerator.device)
             for position, (j, mb) in enumerate(mine):
                 batch = collate([prep.features[i] for i in mb], pad_id)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -249,12 +251,13 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
                     loss = model(**batch, num_items_in_batch=n_items, return_dict=False)[0]
                     accelerator.backward(loss * world)
                 weight = sum(supervised[i] for i in mb) / n_items
-                aux_rounds = torch.stack([layer.last_aux_loss.float().cpu() for layer in layers])
+                aux_rounds = torch.stack([layer.last_aux_loss.float() for layer in layers])
                 aux = aux_rounds.mean().double()  # what the hooks added: mean over layers, rounds
-                totals[0] += loss.detach().double().cpu() - coef * weight * aux
+                totals[0] += loss.detach().double() - coef * weight * aux
                 totals[1:] += weight * aux_rounds.mean(0).double()
             if world > 1:
-                totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+                totals = accelerator.reduce(totals, "sum")
+            totals = totals.cpu()
             grad_norm = accelerator.clip_grad_norm_(
                 trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             lr = scheduler.get_last_lr()[0]
@@ -315,7 +318,8 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         say(f"adapter written to {out / ADAPTER_DIR}")
     accelerator.wait_for_everyone()
 
-    accuracy = _evaluate(inner, prep, cfg, say)
+    with accelerator.autocast():  # the unprepared (own FSDP) model has no autocast of its own
+        accuracy = _evaluate(inner, prep, cfg, say)
     if events is not None:
         if accuracy:
             events.write({"event": "eval", "step": total_steps, "files": accuracy,
@@ -411,6 +415,43 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
     return _Prepared(cfg, out, model, tokenizer, features, eval_sets, resume_from)
 
 
+def _shard_from_cpu(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """``--fsdp``: shards ``model`` where it was loaded (the CPU). ``fully_shard`` moves each
+    process's shards to ``device`` itself (and :func:`shard_model` what it leaves), so no
+    process ever holds the whole base on its device, as ``model.to(device)`` first would."""
+    shard_model(model, device, world)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _training_dtypes(model: torch.nn.Module, *, autocast: bool) -> dict[str, str]:
+    """Puts ``model`` (converted, not yet sharded or prepared) in the dtypes it trains in;
+    returns ``{"adapter_dtype", "base_dtype"}`` for the log.
+
+    A checkpoint loads in its own dtype and the GraphMoE tensors are built in the base's, but
+    AdamW on bf16/fp16 weights rounds most updates away: the trainable parameters are kept in
+    float32. The frozen base may stay in bf16/fp16 only under autocast (mixed precision), which
+    casts both operands of every GEMM; without it the layers refuse mixed dtypes (the LoRA and
+    base GEMMs need one dtype), so the base goes to float32 too.
+    """
+    for p in model.parameters():
+        if p.dtype in LOW_PRECISION and (p.requires_grad or not autocast):
+            p.data = p.data.float()
+    if not autocast:
+        for module in model.modules():
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None and b.dtype in LOW_PRECISION:
+                    module._buffers[name] = b.float()
+
+    def names(params) -> str:
+        return "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in params})) or "none"
+
+    params = list(model.parameters())
+    return {"adapter_dtype": names(p for p in params if p.requires_grad),
+            "base_dtype": names(p for p in params if not p.requires_grad)}
+
+
 def _same_everywhere(value: Any, world: int) -> Any:
     """The main process's ``value`` on every process (the default directory is a timestamp)."""
     if world == 1:
@@ -434,16 +475,6 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=total_steps)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-# --- during the run ------------------------------------------------------------------------------
 
 
 def _global_counts(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -508,16 +539,11 @@ def _evaluate(model: torch.nn.Module, prep: _Prepared, cfg: TrainConfig,
     except ImportError as exc:
         say(f"eval skipped: {exc}")
         return {}
-    was_training = model.training
-    model.eval()
-    accuracy = {}
-    try:
-        for name, examples in prep.eval_sets.items():
-            result = multiple_choice_accuracy(model, prep.tokenizer, examples,
-                                              batch_size=cfg.eval_batch_size,
-                                              cutoff_len=cfg.cutoff_len)
-            accuracy[name] = float(result.accuracy)
-            say(f"eval {name}: accuracy {result.accuracy:.3f} ({len(examples)} questions)")
-    finally:
-        model.train(was_training)
+    accuracy = {}  # multiple_choice_accuracy switches to eval mode and back itself
+    for name, examples in prep.eval_sets.items():
+        result = multiple_choice_accuracy(model, prep.tokenizer, examples,
+                                          batch_size=cfg.eval_batch_size,
+                                          cutoff_len=cfg.cutoff_len)
+        accuracy[name] = float(result.accuracy)
+        say(f"eval {name}: accuracy {result.accuracy:.3f} ({len(examples)} questions)")
     return accuracy

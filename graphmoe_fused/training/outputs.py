@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "train_log.jsonl"
 ROUTING_FILE = "routing_statistics.json"
@@ -72,6 +70,15 @@ def newest_checkpoint(path: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def remove_previous_results(path: Path) -> None:
+    """``--overwrite``, at the start: the previous run's results (``adapter/``,
+    ``routing_statistics.json``, our checkpoints), so that a run that then fails leaves none of
+    them beside its own config and log. Nothing but our names is touched."""
+    _remove(path / ADAPTER_DIR)
+    _remove(path / ROUTING_FILE)
+    remove_our_checkpoints(path)
+
+
 def remove_our_checkpoints(path: Path) -> None:
     """``--overwrite``: the previous run's checkpoints (ours: they hold our state file) would
     be resumed from by mistake; anything else under ``checkpoints/`` stays."""
@@ -106,17 +113,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def counts_to_lists(counts: Mapping[str, torch.Tensor]) -> dict[str, list[list[int]]]:
-    return {name: [[int(v) for v in row] for row in c.tolist()] for name, c in counts.items()}
-
-
-def routing_document(counts: Mapping[str, torch.Tensor], *, num_experts: int, num_rounds: int,
-                     top_k: int, phase: str, tokens: int) -> dict[str, Any]:
-    """The ``routing_statistics.json`` object (the format evaluation writes too)."""
-    return {"num_experts": num_experts, "num_rounds": num_rounds, "top_k": top_k,
-            "phase": phase, "tokens": int(tokens), "layers": counts_to_lists(counts)}
 
 
 class EventLog:

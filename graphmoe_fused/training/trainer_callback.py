@@ -9,7 +9,11 @@ alone next to each of Trainer's checkpoints, and once more at the end of trainin
     trainer.train()   # -> output_dir/checkpoint-N/graphmoe_adapter/, output_dir/graphmoe_adapter/
 
 Pass ``save_only_model=True`` to ``TrainingArguments`` too if the optimizer state is not wanted.
-Only the main process writes (``state.is_world_process_zero``).
+Only the main process writes (``state.is_world_process_zero``). Under FSDP2 (accelerate's
+``fsdp_version: 2``) the adapter parameters are sharded DTensors: every process gathers the full
+tensors (a collective, so every process runs the callback) and the main one writes them. The base
+fingerprint of the metadata is taken when the model is still whole (``on_init_end`` or
+``on_train_begin``); a callback that first sees the model sharded records the base's name only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..hf.adapters import save_adapter
+from ..hf.adapters import _graphmoe_config_of, save_adapter
+from .sharding import (
+    full_adapter_state,
+    has_sharded_adapter,
+    sharded_metadata,
+    unsharded_metadata,
+    write_adapter,
+)
 
 ADAPTER_DIR = "graphmoe_adapter"
 
@@ -35,6 +46,26 @@ class GraphMoEAdapterCallback(TrainerCallback):
     def __init__(self, final_dir: str | Path | None = None) -> None:
         self.final_dir = Path(final_dir) if final_dir is not None else None
         self.saved: list[Path] = []
+        self._metadata: dict[str, str] | None = None  # taken while the model is whole
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model=None, **kwargs) -> None:
+        self._remember_metadata(model)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, model=None, **kwargs) -> None:
+        self._remember_metadata(model)
+
+    def _remember_metadata(self, model) -> None:
+        if self._metadata is not None or model is None:
+            return
+        model = _unwrap(model)
+        try:
+            _graphmoe_config_of(model)
+        except ValueError:
+            return  # not converted (yet): _save says so
+        if not has_sharded_adapter(model):
+            self._metadata = unsharded_metadata(model)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 model=None, **kwargs) -> None:
@@ -48,8 +79,14 @@ class GraphMoEAdapterCallback(TrainerCallback):
     def _save(self, model, state: TrainerState, directory: Path) -> None:
         if model is None:
             raise ValueError("GraphMoEAdapterCallback: Trainer passed no model to the callback")
-        if state.is_world_process_zero:
-            save_adapter(_unwrap(model), directory)
+        model = _unwrap(model)
+        if has_sharded_adapter(model):  # FSDP2: a collective, on every process
+            full = full_adapter_state(model)
+            if state.is_world_process_zero:
+                write_adapter(model, full, self._metadata or sharded_metadata(model), directory)
+                self.saved.append(directory)
+        elif state.is_world_process_zero:
+            save_adapter(model, directory)
             self.saved.append(directory)
 
 
