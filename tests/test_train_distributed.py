@@ -40,17 +40,25 @@ def _steps(out: Path) -> list[dict]:
     return [e for e in events if e["event"] == "step"], events
 
 
-def test_two_processes_match_one(tmp_path):
+def one_and_two_processes(tmp_path: Path, *flags: str):
+    """``(one process's TrainResult, the 2-process run's directory, its stdout)`` on the same
+    settings; asserts the 2-process run succeeded and printed its summary once (rank 0)."""
     one, two = tmp_path / "one", tmp_path / "two"
     single = train(TrainConfig(output_dir=str(one), **SETTINGS), log=lambda _: None,
                    progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "graphmoe_fused.training",
-           "--output-dir", str(two), "--no-progress", *_flags(SETTINGS)]
+           "--output-dir", str(two), "--no-progress", *flags, *_flags(SETTINGS)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done.") == 1  # the summary: rank 0 only
+    assert done.stdout.count("done.") == 1
+    return single, two, done.stdout
+
+
+def test_two_processes_match_one(tmp_path):
+    single, two, _ = one_and_two_processes(tmp_path)
+    one = tmp_path / "one"
 
     steps_two, events_two = _steps(two)
     assert events_two[0]["event"] == "start" and events_two[0]["world_size"] == 2

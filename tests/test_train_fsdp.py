@@ -5,35 +5,24 @@ adapter once, and really shards the frozen base (each process holds about half o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from graphmoe_fused.training import TrainConfig, train
+from graphmoe_fused.training import TrainConfig
 
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
-from .test_train_distributed import LR, SETTINGS, STEPS, _flags, _free_port, _steps
+from .test_train_distributed import LR, STEPS, _steps, one_and_two_processes
 
 JSON_KEYS = {"graphmoe_config", "graphmoe_base_model"}  # metadata values that are JSON
 
 
 def test_fsdp_two_processes_match_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = train(TrainConfig(output_dir=str(one), **SETTINGS), log=lambda _: None,
-                   progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "graphmoe_fused.training",
-           "--output-dir", str(two), "--no-progress", "--fsdp", *_flags(SETTINGS)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done.") == 1  # the summary: rank 0 only
-    assert "fully_shard" in done.stdout
+    single, two, stdout = one_and_two_processes(tmp_path, "--fsdp")
+    one = tmp_path / "one"
+    assert "fully_shard" in stdout
 
     steps_two, events_two = _steps(two)
     start = events_two[0]

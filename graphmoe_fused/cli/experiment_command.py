@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from .args import non_negative_int, positive_int, run_guarded
-from .train_command import add_arguments
+from .train_command import add_arguments, config_from_args, setting_flags
 
 PROG = "graphmoe-fused experiment"
 
@@ -39,14 +39,10 @@ def run(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from ..experiments import format_rounds_table, run_rounds_experiment
     from ..experiments.rounds import SUMMARY_FILE, default_experiment_dir
-    from ..training.recipe import TrainConfig, config_fields
-
-    names = {f.name for f in config_fields()}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    if "num_rounds" in overrides:
+    if "num_rounds" in setting_flags(args):
         raise ValueError("--num-rounds/--rounds: the experiment sets the rounds of each arm; "
                          "use --compare-rounds")
-    base = TrainConfig.from_sources(getattr(args, "config", None), overrides)
+    base = config_from_args(args)
     if base.output_dir is None:
         base = base.replace(output_dir=default_experiment_dir())
     arms = run_rounds_experiment(base, args.compare_rounds,

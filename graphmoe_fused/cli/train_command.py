@@ -95,14 +95,26 @@ def run(args: argparse.Namespace) -> int:
     return run_guarded(PROG, lambda: _train(args), getattr(args, "debug", False))
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ..training.loop import train
-    from ..training.recipe import TrainConfig, config_fields
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~graphmoe_fused.training.TrainConfig` fields given on the command line."""
+    from ..training.recipe import config_fields
 
     names = {f.name for f in config_fields()}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    cfg = TrainConfig.from_sources(getattr(args, "config", None), overrides)
-    result = train(cfg, progress=getattr(args, "progress", True))
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any):
+    """Defaults < ``--config FILE`` < the flags < ``overrides``, as a ``TrainConfig``."""
+    from ..training.recipe import TrainConfig
+
+    return TrainConfig.from_sources(getattr(args, "config", None),
+                                    {**setting_flags(args), **overrides})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..training.loop import train
+
+    result = train(config_from_args(args), progress=getattr(args, "progress", True))
     if result.world_size > 1:
         from accelerate import PartialState
 
