@@ -51,9 +51,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="self-rethinking rounds T of the benchmarked layers (default: the shape's)",
     )
     group.addoption(
-        "--bench-keep-intermediates", action="store_true", default=None,
-        help="build layers with recompute_intermediates=False (save the base gate/up products "
-             "for backward instead of recomputing them: more memory, fewer GEMMs)",
+        "--bench-recompute", action="store_true", default=None,
+        help="build layers with recompute_intermediates=True (recompute the base gate/up "
+             "products in backward instead of saving them: the memory lever, 2 more GEMMs per "
+             "round; default: the config's default, False)",
     )
 
 
@@ -90,7 +91,7 @@ def _context(config: pytest.Config) -> BenchContext:
         min_rounds=int(_option(config, "--bench-min-rounds") or 3),
         max_rounds=int(_option(config, "--bench-max-rounds") or 50),
         dropout=float(_option(config, "--bench-dropout") or 0.0),
-        recompute_intermediates=not _option(config, "--bench-keep-intermediates"),
+        recompute_intermediates=bool(_option(config, "--bench-recompute")),
         loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
     config._graphmoe_bench_ctx = ctx

@@ -45,7 +45,7 @@ class BenchContext:
     min_rounds: int
     max_rounds: int
     dropout: float
-    recompute_intermediates: bool = True  # GraphMoEConfig's memory/speed switch
+    recompute_intermediates: bool = False  # GraphMoEConfig's memory/speed switch (its default)
     seed: int = 0
     loadavg_start: tuple[float, float, float] | None = None  # os.getloadavg() at session start
 

@@ -35,11 +35,12 @@ class GraphMoEConfig:
         attention_lora_r: rank of the attention adapters (``None``: ``lora_r``).
         attention_lora_alpha: alpha of the attention adapters (``None``: ``lora_alpha``).
         router_init_std: standard deviation of the router's normal init.
-        recompute_intermediates: ``True``: the fast backends save nothing ``D'``-wide and
-            recompute the base gate/up products and per-slot activations in backward (+2 base
-            GEMMs per round: 8 instead of 6 forward+backward). ``False``: they also save the
-            base gate and up products (``2·D'`` values per token per round, as a dense SwiGLU
-            MLP does) and recompute only the rank-``r`` deltas.
+        recompute_intermediates: ``False`` (the default): the fast backends save the base
+            gate and up products (``2·D'`` values per token per round, as a dense SwiGLU MLP
+            saves its own; with LoRA dropout the torch backend also keeps the masks, ``k·D'``
+            bytes) and recompute only the rank-``r`` deltas. ``True``: they save nothing
+            ``D'``-wide and recompute the base gate/up products in backward (+2 base GEMMs
+            per round: 8 instead of 6 forward+backward), the memory lever for long sequences.
         deterministic: the Triton kernels reduce across tiles without float atomics (per-tile
             partials summed in a fixed order), so a run gives bit-identical outputs and
             gradients every time, at some cost in speed. The reference and torch backends are
@@ -61,7 +62,7 @@ class GraphMoEConfig:
     attention_lora_r: int | None = None
     attention_lora_alpha: float | None = None
     router_init_std: float = 0.02
-    recompute_intermediates: bool = True
+    recompute_intermediates: bool = False
     deterministic: bool = False
 
     def __post_init__(self) -> None:

@@ -92,7 +92,8 @@ def test_compiled_model_with_reentrant_checkpointing_matches_eager(compiler):
 def test_compiled_layer_matches_eager(compiler, backend, experts, rank):
     # n·r = 16 runs the torch backend's masked expert plan in both modes. n·r = 128 (the paper's
     # n = 8, r = 16) runs the grouped plan eagerly on a CPU, but the masked plan when compiled
-    # (torch._grouped_mm's meta kernel takes bf16 only): the same function, to fp32 rounding.
+    # (the grouped plan's per-expert segments are data-dependent shapes): the same function, to
+    # fp32 rounding.
     # The triton backend compiles as two opaque custom ops (forward, backward); on a CPU its
     # kernels run under the interpreter.
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

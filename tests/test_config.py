@@ -31,7 +31,7 @@ def test_defaults_are_the_papers():
         "num_rounds": 3, "gru_hidden_ratio": 0.1, "router_aux_loss_coef": 0.01,
         "backend": "auto", "gru_candidate_input": "y", "gru_candidate_activation": "sigmoid",
         "attention_lora": True, "attention_lora_r": None, "attention_lora_alpha": None,
-        "router_init_std": 0.02, "recompute_intermediates": True, "deterministic": False,
+        "router_init_std": 0.02, "recompute_intermediates": False, "deterministic": False,
     }
 
 
@@ -99,7 +99,7 @@ def test_dict_and_json_round_trip():
         gru_hidden_ratio=0.5, router_aux_loss_coef=0.5, backend="reference",
         gru_candidate_input="x", gru_candidate_activation="tanh", attention_lora=False,
         attention_lora_r=2, attention_lora_alpha=4.0, router_init_std=0.5,
-        recompute_intermediates=False, deterministic=True,
+        recompute_intermediates=True, deterministic=True,
     )
     default = gm.GraphMoEConfig()
     assert all(getattr(cfg, f.name) != getattr(default, f.name)

@@ -4,6 +4,9 @@ weights, so a benchmark against it compares implementations of one function."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import pytest
 import torch
 
@@ -51,3 +54,22 @@ def test_dropout_draws_per_expert_masks_in_training_only():
     first = peer(x)
     torch.manual_seed(1)
     assert not torch.allclose(first, peer(x))  # fresh masks each call
+
+
+def test_peers_report_reads_the_committed_runs(tmp_path):
+    from bench.peers_report import main
+
+    results = pathlib.Path(__file__).parents[1] / "bench" / "results"
+    runs = sorted(results.glob("*-peers-*T1-dropout0.json"))
+    assert runs, "no committed peer runs to read"
+    out = tmp_path / "table.md"
+    assert main([str(p) for p in runs] + ["--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines()[2:] if line.startswith("| 1 | 0 |")]
+    assert len(rows) == len(runs)
+    data = json.loads(runs[0].read_text())
+    paired = next(b["extra_info"]["paired"] for b in data["benchmarks"]
+                  if b["extra_info"]["kind"] == "paired")
+    assert f"{paired['torch']['speedup_vs_mixlora']:.2f}×" in rows[0]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main([str(bad)]) == 1

@@ -112,10 +112,11 @@ def test_matches_reference_fp32(plan, gru):
     _compare(plan=plan, gru_candidate_input=gru[0], gru_candidate_activation=gru[1])
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("gru", GRU_OPTIONS[:2])
-def test_matches_reference_fp64(gru):
-    # _grouped_mm has no fp64 kernel, so fp64 runs the masked plan (see test_plan_choice).
-    _compare(dtype=torch.float64, gru_candidate_input=gru[0], gru_candidate_activation=gru[1])
+def test_matches_reference_fp64(plan, gru):
+    _compare(dtype=torch.float64, plan=plan, gru_candidate_input=gru[0],
+             gru_candidate_activation=gru[1])
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -199,8 +200,10 @@ def test_unchosen_expert_gets_exactly_zero_lora_grads(plan):
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("gru", GRU_OPTIONS[:2])
-def test_dropout_uses_the_reference_masks(plan, gru):
-    changes = {"dropout_p": 0.3, "dropout_seed": 1234}
+@pytest.mark.parametrize("recompute", [True, False])
+def test_dropout_uses_the_reference_masks(plan, gru, recompute):
+    # recompute: the backward draws the masks again; else it uses those the forward kept.
+    changes = {"dropout_p": 0.3, "dropout_seed": 1234, "recompute_intermediates": recompute}
     _, got, _ = _compare(plan=plan, opt_changes=changes, gru_candidate_input=gru[0],
                          gru_candidate_activation=gru[1])
     # The seed matters: another one gives another result (so the match above is not vacuous).
@@ -511,20 +514,15 @@ def test_base_weights_get_no_gradient():
 
 def test_plan_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    widths = (16, 32, 1024, 2816)
-    assert choose_expert_plan(cpu, torch.float32, 2, 16, widths) == "masked"
-    assert choose_expert_plan(cpu, torch.float32, 8, 16, widths) == "grouped"
+    assert choose_expert_plan(cpu, 2, 16) == "masked"
+    assert choose_expert_plan(cpu, 8, 16) == "grouped"
     assert CPU_MASKED_MAX_COLUMNS < 8 * 16
-    # Where _grouped_mm cannot run (fp64, misaligned rows) the masked plan is the fallback.
-    assert choose_expert_plan(cpu, torch.float64, 8, 16, widths) == "masked"
-    assert choose_expert_plan(cpu, torch.float32, 8, 17, (17, 34, 1024, 2816)) == "masked"
-    assert not grouped_supported(cpu, torch.bfloat16, (4, 8, 32, 48))
-    # On a GPU the masked product stays within one tensor-core tile up to n·r = 256.
-    assert choose_expert_plan(cuda, torch.bfloat16, 8, 16, widths) == "masked"
+    # On a GPU the masked product stays within one tensor-core tile up to n·r = 256, and the
+    # grouped plan (a host read of its segment bounds: a device sync there) is not offered.
+    assert choose_expert_plan(cuda, 8, 16) == "masked"
+    assert choose_expert_plan(cuda, 8, 64) == "masked"
+    assert grouped_supported(cpu) and not grouped_supported(cuda)
     layer = make_layer(lora_r=4)
-    with pytest.raises(ValueError, match="grouped"):
-        graphmoe_torch(torch.randn(3, 32, dtype=torch.float64), layer.double().params(),
-                       layer.round_options(), expert_plan="grouped")
     with pytest.raises(ValueError, match="expert_plan"):
         graphmoe_torch(torch.randn(3, 32), layer.float().params(), layer.round_options(),
                        expert_plan="sorted")
@@ -551,15 +549,15 @@ class _NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("plan", PLANS)
-def test_no_host_sync_in_forward_or_backward(plan):
+def test_no_host_sync_in_forward_or_backward():
+    # The masked plan, what runs on CUDA (the grouped plan runs on CPUs only, where reading its
+    # segment bounds on the host is free).
     layer = make_layer(num_experts=8, lora_r=8)
     opt = dataclasses.replace(layer.round_options(), dropout_p=0.1, dropout_seed=5)
     x = torch.randn(15, 32, requires_grad=True)
-    graphmoe_torch(x, layer.params(), opt, expert_plan=plan)  # warm-up: the one-off plan probe
     mode = _NoHostSync()
     with mode:
-        out = graphmoe_torch(x, layer.params(), opt, expert_plan=plan)
+        out = graphmoe_torch(x, layer.params(), opt, expert_plan="masked")
         (out.y.sum() + out.router_probs.pow(2).sum()).backward()
     assert mode.ops > 100 and x.grad is not None
     # The check can fail: the reference's per-expert loop syncs.
@@ -592,7 +590,7 @@ def test_saved_for_backward_is_small(plan):
     layer = make_layer(hidden=64, intermediate=176, num_experts=8, top_k=2, lora_r=8,
                        num_rounds=3)
     x = torch.randn(64, 64)
-    opt = layer.round_options()
+    opt = dataclasses.replace(layer.round_options(), recompute_intermediates=True)
     ref = saved_bytes(graphmoe_reference, layer, x, opt)
     rec = saved_bytes(graphmoe_torch, layer, x, opt, expert_plan=plan)
     keep = saved_bytes(graphmoe_torch, layer, x,
@@ -602,6 +600,83 @@ def test_saved_for_backward_is_small(plan):
     # 0.20× at cpu-small).
     assert rec <= 0.1 * ref
     assert rec < keep <= 0.35 * ref
+    # With dropout the kept masks add k·D' bytes per token and round (bool), the reference
+    # its dropped copies of every LoRA input.
+    drop = dataclasses.replace(opt, dropout_p=0.1, dropout_seed=3)
+    ref_drop = saved_bytes(graphmoe_reference, layer, x, drop)
+    rec_drop = saved_bytes(graphmoe_torch, layer, x, drop, expert_plan=plan)
+    keep_drop = saved_bytes(graphmoe_torch, layer, x,
+                            dataclasses.replace(drop, recompute_intermediates=False),
+                            expert_plan=plan)
+    assert rec_drop == rec  # the masks are drawn again in backward
+    assert keep < keep_drop <= 0.35 * ref_drop
+
+
+# ---------------------------------------------------------------------------------------------
+# The kept CPU workspace.
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_workspace_shared_by_interleaved_layers_and_growing_batches(plan, dropout_p):
+    """Two layers, forward A, forward B (more tokens: the buffers grow), backward B, backward A,
+    then A again with fewer tokens: every result equals the reference's, so no call's scratch
+    outlives it and no output or saved tensor is a workspace buffer."""
+    layers = [make_layer(num_experts=8, lora_r=8, seed=s) for s in (0, 1)]
+    xs = [torch.randn(n, 32, generator=torch.Generator().manual_seed(n)) for n in (13, 29, 5)]
+    opt = dataclasses.replace(layers[0].round_options(), dropout_p=dropout_p, dropout_seed=4)
+    want = [run_with_grads(graphmoe_reference, layers[i], x, opt)
+            for i, x in ((0, xs[0]), (1, xs[1]), (0, xs[2]))]
+
+    def forward(layer, x):
+        x = x.clone().requires_grad_()
+        out = graphmoe_torch(x, layer.params(), opt, expert_plan=plan)
+        return x, out
+
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    (xa, out_a), (xb, out_b) = forward(layers[0], xs[0]), forward(layers[1], xs[1])
+    ys = [out_a.y.detach().clone(), out_b.y.detach().clone()]
+    results = []
+    for layer, x, out, i in ((layers[1], xb, out_b, 1), (layers[0], xa, out_a, 0)):
+        g = torch.Generator().manual_seed(1)
+        gy = torch.randn(out.y.shape, generator=g, dtype=torch.float64)
+        gp = torch.randn(out.router_probs.shape, generator=g, dtype=torch.float64)
+        ((out.y.double() * gy).sum() + (out.router_probs.double() * gp).sum()).backward()
+        grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()
+                                 if p.requires_grad}}
+        results.append((i, out, grads))
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+    results.append((2, *run_with_grads(graphmoe_torch, layers[0], xs[2], opt, expert_plan=plan)))
+    for i, out, grads in results:
+        _assert_matches((out, grads), want[i], 2e-5)
+    # The outputs read before the other calls ran were not overwritten by them.
+    assert torch.equal(ys[0], out_a.y) and torch.equal(ys[1], out_b.y)
+
+
+def test_workspace_is_kept_on_cpu_and_released_on_request(monkeypatch):
+    from graphmoe_fused.backends.torch import release_workspace
+    from graphmoe_fused.backends.torch.workspace import Workspace, workspace_for
+
+    release_workspace()
+    cpu = torch.device("cpu")
+    layer = make_layer(num_experts=8, lora_r=8)
+    run_with_grads(graphmoe_torch, layer, torch.randn(17, 32), layer.round_options(),
+                   expert_plan="grouped")
+    ws = workspace_for(cpu)
+    assert ws.reuse and ws.nbytes > 0
+    pointers = {k: b.data_ptr() for k, b in ws._buffers.items()}
+    run_with_grads(graphmoe_torch, layer, torch.randn(11, 32), layer.round_options(),
+                   expert_plan="grouped")
+    assert {k: b.data_ptr() for k, b in ws._buffers.items()} == pointers  # reused, not grown
+    assert release_workspace() == ws.nbytes and workspace_for(cpu) is not ws
+    assert not workspace_for(torch.device("meta")).reuse  # CUDA likewise: its allocator caches
+    # A reused buffer is poisoned again when outputs are.
+    monkeypatch.setenv(POISON_ENV, "1")
+    buf = Workspace(reuse=True)
+    buf.get("a", (4,), torch.float32, cpu).fill_(1.0)
+    assert buf.get("a", (2, 2), torch.float32, cpu).isnan().all()
 
 
 # ---------------------------------------------------------------------------------------------

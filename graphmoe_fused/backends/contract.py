@@ -205,14 +205,15 @@ def check_inputs(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions, backend:
         raise ValueError(f"top_k={opt.top_k} must not exceed the {n} experts")
 
 
-def _poisoning() -> bool:
+def poisoning() -> bool:
+    """Whether fast-path buffers are NaN-filled (``POISON_ENV`` set), read at each call."""
     return os.environ.get(POISON_ENV, "0").strip().lower() in _TRUTHY
 
 
 def new_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, every fast-path buffer's allocator: uninitialised, or NaN (integers: -1)
     when ``POISON_ENV`` is set (read at each call, so a test can switch it)."""
-    if _poisoning():
+    if poisoning():
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(tuple(shape), fill, dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)

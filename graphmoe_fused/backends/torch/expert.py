@@ -1,9 +1,9 @@
 """Expert-batched LoRA products for the torch backend.
 
 Every chosen (token, slot) *pair* needs a rank-``r`` product through its own expert's factor.
-Doing that with a Python loop over experts would need each expert's token list, i.e. a
-data-dependent shape and a host sync; both plans here stay sync-free with static shapes, so a
-round can be CUDA-graph captured.
+A loop over experts needs each expert's token count on the host: free on a CPU, a device sync
+on CUDA. The masked plan needs none (static shapes, no sync, so a round can be CUDA-graph
+captured); the grouped plan, which loops, runs on CPUs only.
 
 Factors are passed in *rank-major* form ``F [n, r', w]`` (``A`` factors as stored, ``B`` factors
 transposed once per call), so one layout serves both directions:
@@ -21,17 +21,18 @@ tensor-core tile (design.md §2), so the masked GEMM costs about what a single-e
 needs no sort, no gathers of ``D'``-wide rows, and the base add fuses into ``addmm``. A CPU has
 no such tile and pays the n-fold FLOPs, so there it is kept for tiny ``n·r`` only.
 
-``GroupedPlan`` (pairs sorted by expert, shape ``(P,)``): ``torch._grouped_mm`` over contiguous
-per-expert segments whose offsets are computed on device (a cumsum, no sync). It does exactly
-the useful FLOPs but pays a sort and gathers/scatters of ``D'``-wide rows; it wins once ``n·r``
-outgrows a tile (GPU) or from ``n·r ≈ 32`` (CPU). A *gather* of per-token factors
-(``[M, D', r]``) is never an option: it moves ``D'·r`` values per pair where the products
-above move ``D'``.
+``GroupedPlan`` (pairs sorted by expert, shape ``(P,)``, CPU only): one product per expert over
+its contiguous segment of pairs, the segment bounds read on the host (free on a CPU; on CUDA a
+device sync, hence the masked plan there). It does exactly the useful FLOPs but pays a sort and
+gathers/scatters of ``D'``-wide rows; it wins from ``n·r ≈ 32`` on a CPU. A *gather* of
+per-token factors (``[M, D', r]``) is never an option: it moves ``D'·r`` values per pair where
+the products above move ``D'``.
+
+Products that make a ``D'``-wide result accept ``out=``, a buffer the caller reuses (see
+:mod:`.workspace`); a plan may ignore it, so callers use what is returned.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -43,7 +44,8 @@ from ..contract import new_empty, new_empty_like
 # ones (r ≤ ~32) are memory-bound, about one pass over the D'-wide rows. Measured at the
 # cpu-small shape (d=1024, D'=2816, k=2, 1024 tokens, fp32, forward+backward, one thread, CPU
 # time): n·r = 32 a tie within noise (grouped 4% faster at n=2, r=16 and at n=4, r=8), so the
-# simpler masked plan keeps it; 64: grouped 2-4% faster; 128: 20-25%; 256: 30%.
+# simpler masked plan keeps it; 64: grouped 2-4% faster; 128: 20-25%; 256: 30% (measured when
+# the grouped plan ran torch._grouped_mm; its per-expert loop is a little faster still).
 GPU_MASKED_MAX_COLUMNS = 256
 CPU_MASKED_MAX_COLUMNS = 32
 
@@ -72,18 +74,21 @@ class MaskedPlan:
     def from_pairs(self, t: torch.Tensor) -> torch.Tensor:
         return t.transpose(0, 1)
 
-    def broadcast_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """``[M, w]`` → something that broadcasts against pair tensors ``[k, M, w]``."""
+    def broadcast_tokens(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[M, w]`` → something that broadcasts against pair tensors ``[k, M, w]`` (a view
+        here: ``out``, a buffer the grouped plan would fill, is not needed)."""
         return t.unsqueeze(0)
 
     def sum_to_tokens(
-        self, t: torch.Tensor, weight: torch.Tensor | None, consume: bool = False
+        self, t: torch.Tensor, weight: torch.Tensor | None, consume: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``Σ_j weight_j · t_j`` over each token's slots: ``[k, M, w]`` → ``[M, w]``
-        (``consume``: ``t`` is not needed afterwards and may be overwritten)."""
+        (``consume``: ``t`` is not needed afterwards and may be overwritten; ``out``: a
+        ``[M, w]`` buffer for the result)."""
         if weight is None:
-            return t.sum(0)
-        out = t[0] * weight[0, :, None]
+            return torch.sum(t, 0, out=out)
+        out = torch.mul(t[0], weight[0, :, None], out=out)
         for j in range(1, self.top_k):
             out.addcmul_(t[j], weight[j, :, None])
         return out
@@ -112,16 +117,19 @@ class MaskedPlan:
         return torch.gather(full, 2, index).squeeze(2)
 
     def expand_pairs(
-        self, v: torch.Tensor, factor: torch.Tensor, base: torch.Tensor | None = None
+        self, v: torch.Tensor, factor: torch.Tensor, base: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``base[tok_p] + F[e_p]ᵀ @ v_p`` → ``[k, M, w]``."""
+        """``base[tok_p] + F[e_p]ᵀ @ v_p`` → ``[k, M, w]`` (into ``out`` when given)."""
         n, r, w = factor.shape
         k, m = self.pshape
         masked = self._scatter(v)
         flat = factor.reshape(n * r, w)
+        if out is None:
+            out = new_empty((k, m, w), v.dtype, v.device)
+        out = out.view(k, m, w)
         if base is None:
-            return (masked.view(k * m, n * r) @ flat).view(k, m, w)
-        out = new_empty((k, m, w), base.dtype, base.device)
+            return torch.mm(masked.view(k * m, n * r), flat, out=out.view(k * m, w)).view(k, m, w)
         for j in range(k):
             torch.addmm(base, masked[j], flat, out=out[j])
         return out
@@ -146,9 +154,14 @@ class MaskedPlan:
 
 
 class GroupedPlan:
-    """Pairs sorted by expert; ``torch._grouped_mm`` over the per-expert segments.
+    """Pairs sorted by expert; one product per expert over its contiguous segment (CPU only).
 
     Pair tensors have leading shape ``(P,)``, ``P = M·k``, ordered by (expert, token, slot).
+    The segment bounds are read on the host once per plan: free on a CPU, and the reason this
+    plan is not offered on CUDA, where that read would be a device sync (there the masked plan
+    runs, within one tensor-core tile). A Python loop over the experts costs a few microseconds
+    per product; in exchange every product can write into a given buffer (``torch.mm(out=)``)
+    and the base add of ``expand_pairs`` fuses into ``addmm_``.
     """
 
     kind = "grouped"
@@ -159,15 +172,10 @@ class GroupedPlan:
         flat = experts.reshape(-1)  # canonical pair id q = token * k + slot
         self.pair_id = torch.argsort(flat, stable=True)
         self.token = torch.div(self.pair_id, self.top_k, rounding_mode="floor")
-        # Sorted position of each (token, slot): adding a token-level tensor to the pair rows
-        # is then k index_add_ calls over M rows each, not a gathered [P, w] temporary.
-        positions = new_empty_like(self.pair_id)
-        positions.scatter_(0, self.pair_id, torch.arange(flat.numel(), device=flat.device))
-        self.slot_position = positions.view(self.num_tokens, self.top_k)
-        counts = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        # Segment ends, on device: no sync, and an unchosen expert is an empty segment.
-        self.offsets = counts.cumsum(0).to(torch.int32)
+        bounds = [0, *torch.bincount(flat, minlength=num_experts).cumsum(0).tolist()]
+        # (expert, first pair, end) of every chosen expert: an unchosen one has no segment.
+        self.segments = [(e, bounds[e], bounds[e + 1]) for e in range(num_experts)
+                         if bounds[e + 1] > bounds[e]]
         self.pshape = (flat.numel(),)
 
     def to_pairs(self, t: torch.Tensor) -> torch.Tensor:
@@ -178,98 +186,81 @@ class GroupedPlan:
         out.index_copy_(0, self.pair_id, t)
         return out.view(self.num_tokens, self.top_k, *t.shape[1:])
 
-    def broadcast_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(0, self.token)
+    def broadcast_tokens(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.index_select(t, 0, self.token, out=out)
 
     def sum_to_tokens(
-        self, t: torch.Tensor, weight: torch.Tensor | None, consume: bool = False
+        self, t: torch.Tensor, weight: torch.Tensor | None, consume: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if weight is None:
             src = t
         else:
             src = t.mul_(weight[:, None]) if consume else t * weight[:, None]
-        out = t.new_zeros(self.num_tokens, t.shape[-1])
+        out = t.new_zeros(self.num_tokens, t.shape[-1]) if out is None else out.zero_()
         return out.index_add_(0, self.token, src)
 
-    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch._grouped_mm(a, b, offs=self.offsets)
-
     def project_tokens(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        return self._mm(x.index_select(0, self.token), factor.transpose(1, 2))
+        return self.project_pairs(x.index_select(0, self.token), factor)
 
     def project_pairs(self, h: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        return self._mm(h, factor.transpose(1, 2))
+        out = new_empty((h.shape[0], factor.shape[1]), h.dtype, h.device)
+        for e, a, b in self.segments:
+            torch.mm(h[a:b], factor[e].t(), out=out[a:b])
+        return out
 
     def expand_pairs(
-        self, v: torch.Tensor, factor: torch.Tensor, base: torch.Tensor | None = None
+        self, v: torch.Tensor, factor: torch.Tensor, base: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self._mm(v, factor)
-        if base is not None:
-            for j in range(self.top_k):
-                out.index_add_(0, self.slot_position[:, j], base)
+        if out is None:
+            out = new_empty((v.shape[0], factor.shape[-1]), v.dtype, v.device)
+        if base is None:
+            for e, a, b in self.segments:
+                torch.mm(v[a:b], factor[e], out=out[a:b])
+            return out
+        torch.index_select(base, 0, self.token, out=out)
+        for e, a, b in self.segments:
+            out[a:b].addmm_(v[a:b], factor[e])
         return out
 
     def expand_tokens(self, v: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         out = v.new_zeros(self.num_tokens, factor.shape[-1])
-        return out.index_add_(0, self.token, self._mm(v, factor))
+        return out.index_add_(0, self.token, self.expand_pairs(v, factor))
 
     def outer_pairs(self, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self._mm(v.t(), u)
+        out = v.new_zeros(self.num_experts, v.shape[-1], u.shape[-1])
+        for e, a, b in self.segments:
+            torch.mm(v[a:b].t(), u[a:b], out=out[e])
+        return out
 
     def outer_tokens(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self._mm(v.t(), x.index_select(0, self.token))
+        return self.outer_pairs(v, x.index_select(0, self.token))
 
 
 ExpertPlan = MaskedPlan | GroupedPlan
 PLANS = {"masked": MaskedPlan, "grouped": GroupedPlan}
 
 
-@functools.cache
-def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` (a private op) runs here, checked once on a tiny case.
-
-    Only CPU is trusted: that is where it was verified against a per-expert loop (torch 2.13,
-    fp32/bf16/fp16). On CUDA the fast path is the Triton backend; the torch backend there stays
-    on the masked plan rather than an unverified private kernel.
-    """
-    if device_type != "cpu" or not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        a = torch.ones(3, 8, dtype=dtype)
-        b = torch.ones(2, 8, 8, dtype=dtype)
-        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32))
-        grad_b = torch._grouped_mm(a.t(), torch.ones(3, 8, dtype=dtype),
-                                   offs=torch.tensor([1, 3], dtype=torch.int32))
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return bool((out == 8).all()) and bool((grad_b[1] == 2).all())
+def grouped_supported(device: torch.device) -> bool:
+    """The grouped plan runs on a CPU, where its per-plan host read of the segment bounds costs
+    nothing."""
+    return device.type == "cpu"
 
 
-def grouped_supported(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
-    """``_grouped_mm`` needs 16-byte-aligned row strides for every operand width."""
-    itemsize = dtype.itemsize
-    if any((w * itemsize) % 16 for w in widths):
-        return False
-    return _grouped_mm_works(device.type, dtype)
-
-
-def choose_expert_plan(
-    device: torch.device, dtype: torch.dtype, num_experts: int, rank: int,
-    widths: tuple[int, ...],
-) -> str:
+def choose_expert_plan(device: torch.device, num_experts: int, rank: int) -> str:
     """``"masked"`` while all experts' rank-r columns are cheap to carry along (see
-    ``*_MASKED_MAX_COLUMNS``), else ``"grouped"`` where ``_grouped_mm`` is available for this
-    device, dtype and alignment (``widths``: every row width a grouped operand has).
+    ``*_MASKED_MAX_COLUMNS``), else ``"grouped"`` where it runs (a CPU).
 
-    Under ``torch.compile`` the masked plan is taken: ``_grouped_mm``'s meta kernel (what
-    compile traces with) takes bf16 only, so the grouped plan would not compile for fp32.
+    Under ``torch.compile`` the masked plan is taken: the grouped plan's segment bounds are
+    data-dependent shapes, a graph break per expert.
     """
     if torch.compiler.is_compiling():
         return "masked"
     limit = CPU_MASKED_MAX_COLUMNS if device.type == "cpu" else GPU_MASKED_MAX_COLUMNS
     if num_experts * rank <= limit:
         return "masked"
-    return "grouped" if grouped_supported(device, dtype, widths) else "masked"
+    return "grouped" if grouped_supported(device) else "masked"
 
 
 def make_plan(kind: str, experts: torch.Tensor, num_experts: int) -> ExpertPlan:

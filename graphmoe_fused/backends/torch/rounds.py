@@ -7,17 +7,22 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
   linear and shared: ``Σ_j w_j W_D h_j = W_D Σ_j w_j h_j`` (design.md §2). Only the rank-r deltas
   are per slot; they go through :mod:`.expert` (masked dense over all
   experts, or grouped by expert), never a Python loop over experts.
-* **No host sync** (no ``.item()``, ``nonzero``, data-dependent shape) in forward or backward.
+* **No host sync** (no ``.item()``, ``nonzero``, data-dependent shape) in forward or backward
+  with the masked expert plan, the one CUDA runs; the grouped plan (CPU only) reads its
+  segment bounds on the host, which costs nothing there.
 * **A hand-written backward** (:class:`_GraphMoEFunction`) that saves little: the input, the
   router probabilities and chosen experts (outputs anyway), the rank-r LoRA activations (fp32),
-  and per round boundary the GRU state and the experts' output ``y_t``. Everything ``D'``-wide
-  (``G``, ``U``, ``gate_j``, ``up_j``, ``h_j``) is recomputed in backward from those, and the
-  round inputs ``x_t`` are rebuilt from ``x`` and the GRU states. With
-  ``recompute_intermediates=False`` the shared ``G`` and ``U`` are saved as well (what a dense
-  SwiGLU MLP keeps): ``2·D'`` values per token per round buy back the two base GEMMs per round
-  that recomputation costs; only the rank-r deltas are then recomputed. (Saving the per-slot
-  ``gate_j`` and ``up_j`` instead would cost ``2·k·D'`` to also skip those deltas, which are
-  cheap.)
+  per round boundary the GRU state and the experts' output ``y_t``, and (the default,
+  ``recompute_intermediates=False``) the shared ``G`` and ``U`` of every round, what a dense
+  SwiGLU MLP keeps, with LoRA dropout also the keep masks (bool). Only the rank-r deltas and the
+  per-slot ``gate_j``, ``up_j``, ``h_j`` are recomputed; the round inputs ``x_t`` are rebuilt
+  from ``x`` and the GRU states. With ``recompute_intermediates=True`` nothing ``D'``-wide is
+  saved: ``G`` and ``U`` are recomputed (two more base GEMMs per round) and the masks drawn
+  again. (Saving the per-slot ``gate_j`` and ``up_j`` instead would cost ``2·k·D'`` to also
+  skip the rank-r deltas, which are cheap.)
+* **Scratch kept on a CPU** (:mod:`.workspace`): the ``D'``-wide temporaries of a round are
+  written into buffers that every round, call and layer of a thread reuses, because there a
+  fresh tensor of that size costs more in page faults than the pass that fills it.
 * **Dtypes.** The compute dtype of the GEMMs is the autocast dtype when autocast is on for x's
   device (fp64 inputs excepted, as autocast itself leaves fp64 alone), else x's dtype. Softmax,
   rank-r intermediates, the GRU state and ``y``'s accumulation stay in fp32 (fp64 for fp64
@@ -27,9 +32,10 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
 * **Frozen base.** The base projections get no gradient by design; a base weight that
   requires grad while grad mode is on is rejected with an error rather than silently ignored.
 * **Dropout** draws the masks of :func:`..dropout.lora_dropout_masks` (the counter-based hash
-  of the options' seed, the round, the token and the column), in forward and again in
-  backward, so no ``[M, k, D']`` mask is saved and the masks equal the reference's; the slot
-  masks are drawn directly in the plan's pair layout.
+  of the options' seed, the round, the token and the column), so the masks equal the
+  reference's; the slot masks are drawn directly in the plan's pair layout. The backward uses
+  the forward's (kept as bool, ``k·D'`` bytes per token and round) or, recomputing, draws them
+  again.
 * **A given routing** (``expert_index``, ``[T, M, k]``) replaces each round's top-k; the
   probabilities are still computed and differentiated, and the weights are the probabilities at
   the given experts, renormalised. The triton backend's backward uses it to recompute with the
@@ -42,6 +48,7 @@ Double backward is not supported (``once_differentiable``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -57,10 +64,11 @@ from ..contract import (
     compute_dtype,
     new_empty,
 )
-from ..dropout import apply_dropout, keep_mask, keep_rows, slot_row_bits, stream_key
+from ..dropout import keep_mask, keep_rows, slot_row_bits, stream_key
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
 from .gru import GRUGrads, gru_step, gru_step_backward, prepare_gru
 from .routing import router_probabilities, select_experts
+from .workspace import Workspace, workspace_for
 
 
 class _Static(NamedTuple):
@@ -122,10 +130,24 @@ def _dropout_masks(
     return _Masks(keep_x, keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p))
 
 
+# A bool operand makes an unvectorised mixed-dtype loop (5 ms for 6M elements on the development
+# CPU); the same bytes read as uint8 take half that, copied into a float buffer first a quarter.
+
+
+def _dropped(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout, ``t ⊙ keep / (1-p)``: bit for bit what the reference computes."""
+    return t.mul(keep.view(torch.uint8)).mul_(1.0 / (1.0 - p))
+
+
+def _masked_into(out: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``out = t ⊙ keep``, without the ``1/(1-p)`` (the callers put it on rank-r tensors)."""
+    return out.view_as(t).copy_(keep.view(torch.uint8)).mul_(t)
+
+
 def _lora_input(x_t: torch.Tensor, xc: torch.Tensor, masks: _Masks | None, p: float,
                 cd: torch.dtype) -> torch.Tensor:
     """The gate/up LoRA input (dropout, as the reference, applied in x's own dtype)."""
-    return xc if masks is None else apply_dropout(x_t, masks.x, p).to(cd)
+    return xc if masks is None else _dropped(x_t, masks.x, p).to(cd)
 
 
 def _base_gate_up(xc: torch.Tensor, w: _Weights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,13 +157,18 @@ def _base_gate_up(xc: torch.Tensor, w: _Weights) -> tuple[torch.Tensor, torch.Te
 
 def _gate_up(
     base: tuple[torch.Tensor, torch.Tensor], a_gate_up: torch.Tensor, plan: ExpertPlan,
-    w: _Weights, scaling: float,
+    w: _Weights, scaling: float, ws: Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair ``gate = G + c·B_G[e] a_g`` and ``up = U + c·B_U[e] a_u`` (fresh buffers)."""
+    """Per pair ``gate = G + c·B_G[e] a_g`` and ``up = U + c·B_U[e] a_u``, in the workspace's
+    ``gate`` and ``up`` buffers."""
     r = w.rank
-    scaled = (a_gate_up * scaling).to(base[0].dtype)
-    gate = plan.expand_pairs(scaled[..., :r].contiguous(), w.bt_gate, base[0])
-    up = plan.expand_pairs(scaled[..., r:].contiguous(), w.bt_up, base[1])
+    g = base[0]
+    scaled = (a_gate_up * scaling).to(g.dtype)
+    shape = (*plan.pshape, g.shape[-1])
+    gate = plan.expand_pairs(scaled[..., :r].contiguous(), w.bt_gate, g,
+                             out=ws.get("gate", shape, g.dtype, g.device))
+    up = plan.expand_pairs(scaled[..., r:].contiguous(), w.bt_up, base[1],
+                           out=ws.get("up", shape, g.dtype, g.device))
     return gate, up
 
 
@@ -151,11 +178,13 @@ class _RoundOut(NamedTuple):
     experts: torch.Tensor  # [M, k]
     a_gate_up: torch.Tensor  # pair layout [..., 2r], accumulation dtype
     a_down: torch.Tensor  # pair layout [..., r], accumulation dtype
-    base: tuple[torch.Tensor, torch.Tensor] | None  # (G, U) [M, D'], kept without recomputation
+    # Without recomputation: (G, U) [M, D'], and with dropout the keep masks (x's, then the
+    # slots' in pair layout); else empty.
+    kept: tuple[torch.Tensor, ...]
 
 
 def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int,
-                   forced: torch.Tensor | None) -> _RoundOut:
+                   forced: torch.Tensor | None, ws: Workspace) -> _RoundOut:
     """One round; ``forced`` (``[M, k]``) fixes the experts instead of the top-k."""
     opt, cd = st.opt, st.compute_dtype
     acc = torch.promote_types(cd, torch.float32)
@@ -176,19 +205,23 @@ def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int,
     x_lora = _lora_input(x_t, xc, masks, opt.dropout_p, cd)
     a_gate_up = plan.project_tokens(x_lora, w.a_gate_up).to(acc)
     base = _base_gate_up(xc, w)
-    gate, up = _gate_up(base, a_gate_up, plan, w, c)
-    h = F.silu(gate, inplace=True).mul_(up)
-    del gate, up
-    h_lora = h if masks is None else apply_dropout(h, masks.h, opt.dropout_p)
-    a_down = plan.project_pairs(h_lora, w.a_down).to(acc)
+    gate, up = _gate_up(base, a_gate_up, plan, w, c, ws)
+    h = F.silu(gate, inplace=True).mul_(up)  # in gate's buffer; up's is free from here
+    if masks is None:
+        a_down = plan.project_pairs(h, w.a_down).to(acc)
+    else:
+        a_down = plan.project_pairs(_masked_into(up, h, masks.h), w.a_down).to(acc)
+        a_down.mul_(1.0 / (1.0 - opt.dropout_p))
 
     pair_weights = plan.to_pairs(weights)
     # The shared down projection runs once, on the mixed activation (the W_D identity above).
-    y = plan.sum_to_tokens(h, pair_weights.to(cd), consume=True) @ w.down.t()
+    mix = plan.sum_to_tokens(h, pair_weights.to(cd), consume=True,
+                             out=ws.get("mix", xc.shape[:1] + h.shape[-1:], cd, h.device))
+    y = mix @ w.down.t()
     lora_down_in = (c * pair_weights.unsqueeze(-1) * a_down).to(cd)
     y = y.to(acc).add_(plan.expand_tokens(lora_down_in, w.bt_down))
-    return _RoundOut(y.to(x_t.dtype), probs, experts, a_gate_up, a_down,
-                     None if opt.recompute_intermediates else base)
+    kept = () if opt.recompute_intermediates else (*base, *(masks or ()))
+    return _RoundOut(y.to(x_t.dtype), probs, experts, a_gate_up, a_down, kept)
 
 
 class _Grads:
@@ -214,57 +247,71 @@ class _Grads:
 def _round_backward(
     x_t: torch.Tensor, grad_y: torch.Tensor, grad_probs: torch.Tensor | None,
     probs: torch.Tensor, experts: torch.Tensor, a_gate_up: torch.Tensor | None,
-    a_down: torch.Tensor | None, base: tuple[torch.Tensor, torch.Tensor] | None, w: _Weights,
+    a_down: torch.Tensor | None, kept: tuple[torch.Tensor, ...] | None, w: _Weights,
     router_acc: torch.Tensor, st: _Static, t: int, grads: _Grads, need_grad_x: bool,
+    ws: Workspace,
 ) -> torch.Tensor | None:
     """Backward of one MoE round given ``∂L/∂y_t`` (and ``∂L/∂probs_t``); accumulates the
     parameter gradients into ``grads`` and returns ``∂L/∂x_t`` from this round's MoE part.
-    ``base`` is the saved ``(G, U)``, or ``None`` to recompute it; ``a_gate_up`` / ``a_down``
-    the saved rank-r LoRA activations, or ``None`` to recompute them (a forward that did not
-    keep them: the triton backend's)."""
+    ``kept`` is what the forward kept without recomputation (``(G, U)``, plus the keep masks
+    with dropout), or ``None`` to recompute (and redraw) it; ``a_gate_up`` / ``a_down`` the
+    saved rank-r LoRA activations, or ``None`` to recompute them (a forward that did not keep
+    them: the triton backend's). ``ws`` holds the ``D'``-wide scratch, reused across rounds."""
     opt, cd = st.opt, st.compute_dtype
     acc = probs.dtype
     c, r, p = opt.lora_scaling, w.rank, opt.dropout_p
     weights = renormalised_weights(probs, experts)
     plan = make_plan(st.plan, experts, w.router.shape[0])
-    masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
+    if kept and len(kept) == 4:
+        base, masks = kept[:2], _Masks(*kept[2:])
+    else:
+        base = kept or None
+        masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
     xc = x_t.to(cd)
     x_lora = _lora_input(x_t, xc, masks, p, cd)
     if a_gate_up is None:
         a_gate_up = plan.project_tokens(x_lora, w.a_gate_up).to(acc)
-    # Only the rank-r deltas are recomputed when (G, U) was saved; gate and up are fresh
-    # buffers either way, so everything below may work in place on them.
-    gate, up = _gate_up(base or _base_gate_up(xc, w), a_gate_up, plan, w, c)
+    # Only the rank-r deltas are recomputed when (G, U) was kept. Five D'-wide pair buffers
+    # from here on, each reused once its value is dead: gate, up, silu, h (later ∂h) and
+    # scratch (h ⊙ mask, then ∂y's broadcast W_Dᵀ ∂y).
+    gate, up = _gate_up(base or _base_gate_up(xc, w), a_gate_up, plan, w, c, ws)
     del base
     pair_weights = plan.to_pairs(weights)
     grad_yc = grad_y.to(cd)
 
-    silu = F.silu(gate)
-    h = silu * up
-    h_lora = h if masks is None else apply_dropout(h, masks.h, p)
+    def buffer(role: str) -> torch.Tensor:
+        return ws.get(role, gate.shape, cd, gate.device)
+
+    silu = torch.ops.aten.silu.out(gate, out=buffer("silu"))
+    h = torch.mul(silu, up, out=buffer("h"))
+    h_lora = h if masks is None else _masked_into(buffer("scratch"), h, masks.h)
     if a_down is None:
         a_down = plan.project_pairs(h_lora, w.a_down).to(acc)
+        if masks is not None:
+            a_down.mul_(1.0 / (1.0 - p))
 
-    # y = W_D Σ_j w_j h_j + c Σ_j w_j B_D[e_j] a_down_j
-    grad_mix = plan.broadcast_tokens(grad_yc @ w.down)
+    # y = W_D Σ_j w_j h_j + c Σ_j w_j B_D[e_j] a_down_j, with a_down_j = A_D[e_j] (h_j ⊙ m_j)/(1-p)
     grad_b_in = plan.project_tokens(grad_yc, w.bt_down).to(acc)  # B_D[e]ᵀ ∂y
     cw = (c * pair_weights).unsqueeze(-1)
     grads.bt_down += plan.outer_tokens((cw * a_down).to(cd), grad_yc)
-    grad_a_down_c = (cw * grad_b_in).to(cd)
+    # ∂a_down, with the dropout scale 1/(1-p) of both its uses (A_D's gradient, ∂h) folded in.
+    grad_a_down = cw * grad_b_in
+    if masks is not None:
+        grad_a_down.mul_(1.0 / (1.0 - p))
+    grad_a_down_c = grad_a_down.to(cd)
     grads.a_down += plan.outer_pairs(grad_a_down_c, h_lora)
     del h_lora
-    # ∂w_j = <h_j, W_Dᵀ ∂y> + c <a_down_j, B_D[e_j]ᵀ ∂y>; h is consumed in place (on a CPU a
-    # fresh D'-wide temporary costs more in page faults than the multiply itself).
+    grad_mix = plan.broadcast_tokens(torch.mm(grad_yc, w.down), out=buffer("scratch"))
+    # ∂w_j = <h_j, W_Dᵀ ∂y> + c <a_down_j, B_D[e_j]ᵀ ∂y>; h is consumed in place.
     grad_pair_w = h.mul_(grad_mix).sum(-1, dtype=acc)
-    del h
     grad_pair_w += c * (a_down * grad_b_in).sum(-1)
-    grad_h = plan.expand_pairs(grad_a_down_c, w.a_down)  # A_D[e]ᵀ ∂a_down
+    grad_h = plan.expand_pairs(grad_a_down_c, w.a_down, out=h)  # A_D[e]ᵀ ∂a_down
     if masks is not None:
-        grad_h = apply_dropout(grad_h, masks.h, p)
+        grad_h.mul_(masks.h.view(torch.uint8))
     grad_h.addcmul_(grad_mix, pair_weights.unsqueeze(-1).to(cd))
     del grad_mix
 
-    # h = silu(gate)·up, with aten's fused silu backward; in place on the fresh buffers.
+    # h = silu(gate)·up, with aten's fused silu backward; in place on the buffers.
     grad_up = silu.mul_(grad_h)
     grad_gate = torch.ops.aten.silu_backward.grad_input(up.mul_(grad_h), gate, grad_input=gate)
     del grad_h, up
@@ -284,11 +331,13 @@ def _round_backward(
     if not need_grad_x:
         return None
 
-    grad_x = plan.sum_to_tokens(grad_gate, None) @ w.gate
-    grad_x.addmm_(plan.sum_to_tokens(grad_up, None), w.up)
+    tokens = (x_t.shape[0], gate.shape[-1])
+    grad_x = plan.sum_to_tokens(grad_gate, None, out=ws.get("dG", tokens, cd, gate.device)) @ w.gate
+    grad_x.addmm_(plan.sum_to_tokens(grad_up, None, out=ws.get("dU", tokens, cd, gate.device)),
+                  w.up)
     grad_x_lora = plan.expand_tokens(grad_a_gate_up_c, w.a_gate_up)
     if masks is not None:
-        grad_x_lora = apply_dropout(grad_x_lora, masks.x, p)
+        grad_x_lora = _dropped(grad_x_lora, masks.x, p)
     grad_x = grad_x.to(acc).add_(grad_x_lora)
     return grad_x.addmm_(grad_logits, router_acc)
 
@@ -322,13 +371,14 @@ class _GraphMoEFunction(torch.autograd.Function):
         acc = torch.promote_types(cd, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             w = _Weights(p, cd, acc)
+            ws = workspace_for(x.device)
             h = torch.zeros(x.shape[0], p.gru_weight_g.shape[1], dtype=acc, device=x.device)
             x_t = x
             rounds: list[_RoundOut] = []
             states, outputs = [], []
             for t in range(opt.num_rounds):
                 rnd = _round_forward(x_t, w, st, t,
-                                     None if forced_index is None else forced_index[t])
+                                     None if forced_index is None else forced_index[t], ws)
                 rounds.append(rnd)
                 if t == opt.num_rounds - 1:
                     break
@@ -342,12 +392,12 @@ class _GraphMoEFunction(torch.autograd.Function):
         index = torch.stack([rnd.experts for rnd in rounds])
         ctx.mark_non_differentiable(index)
         ctx.st = st
-        wide = [] if opt.recompute_intermediates else [t for rnd in rounds for t in rnd.base]
+        kept = [t for rnd in rounds for t in rnd.kept]
         ctx.save_for_backward(
             x, *params, probs, index,
             torch.stack([rnd.a_gate_up for rnd in rounds]),
             torch.stack([rnd.a_down for rnd in rounds]),
-            *states, *outputs, *wide,
+            *states, *outputs, *kept,
         )
         return rounds[-1].y, probs, index
 
@@ -361,10 +411,12 @@ class _GraphMoEFunction(torch.autograd.Function):
         probs, index, a_gate_up, a_down = saved[16:20]
         states = saved[20:20 + num_rounds - 1]
         outputs = saved[19 + num_rounds:18 + 2 * num_rounds]
-        bases = saved[18 + 2 * num_rounds:]  # G_0, U_0, G_1, ... (no recomputation) or none
+        kept = saved[18 + 2 * num_rounds:]  # each round's _RoundOut.kept, all of one length
+        per_round = len(kept) // num_rounds
         grads = rounds_backward(
             x, p, st, probs, index, states, outputs, grad_y, grad_probs,
-            ctx.needs_input_grad[0], rank_r=(a_gate_up, a_down), bases=bases,
+            ctx.needs_input_grad[0], rank_r=(a_gate_up, a_down),
+            kept=[kept[t * per_round:(t + 1) * per_round] for t in range(num_rounds)],
         )
         # (x, static, forced_index, gate, up, down, router, six LoRA factors, five GRU tensors)
         grads_out = (grads[0], None, None, None, None, None, *grads[1:])
@@ -377,14 +429,15 @@ def rounds_backward(
     states: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
     grad_y: torch.Tensor | None, grad_probs: torch.Tensor | None, need_grad_x: bool, *,
     rank_r: tuple[torch.Tensor, torch.Tensor] | None = None,
-    bases: Sequence[torch.Tensor] = (), inputs: Sequence[torch.Tensor] | None = None,
+    kept: Sequence[Sequence[torch.Tensor]] = (), inputs: Sequence[torch.Tensor] | None = None,
     round_backward: Callable[..., torch.Tensor | None] | None = None,
     gru_backward: Callable[..., GRUGrads] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The backward of T rounds from what a forward kept: the routing (``probs``, ``index``),
     the GRU states ``h_1..h_{T-1}`` and the non-final outputs ``y_1..y_{T-1}``; optionally the
     rank-r LoRA activations (``rank_r``, per round in the plan's pair layout), the base gate/up
-    products (``bases``: ``G_0, U_0, G_1, ...``) and the round inputs (``inputs``: ``x_1..x_T``),
+    products and dropout masks (``kept``: per round ``_RoundOut.kept``) and the round inputs
+    (``inputs``: ``x_1..x_T``),
     each recomputed when absent. Shared by this backend's Function and the triton backend,
     whose kernel forward keeps the same things.
 
@@ -408,6 +461,8 @@ def rounds_backward(
         grad_probs = grad_probs.contiguous()
     states = [s.to(acc) for s in states]
 
+    if round_backward is None:
+        round_backward = functools.partial(_round_backward, ws=workspace_for(x.device))
     with torch.autocast(x.device.type, enabled=False):
         w = _Weights(p, cd, acc)
         gru_acc = prepare_gru(p.gru_weight_z, p.gru_weight_r, p.gru_weight_o,
@@ -445,12 +500,12 @@ def rounds_backward(
                 grad_h = g.h
                 grad_y_t = g.y
                 grad_x_t = grad_x if g.x is None else grad_x + g.x
-            grad_moe = (round_backward or _round_backward)(
+            grad_moe = round_backward(
                 xs[t], grad_y_t, None if grad_probs is None else grad_probs[t],
                 probs[t], index[t],
                 None if rank_r is None else rank_r[0][t],
                 None if rank_r is None else rank_r[1][t],
-                tuple(bases[2 * t:2 * t + 2]) or None,
+                tuple(kept[t]) if kept else None,
                 w, router_acc, st, t, grads, t > 0 or need_grad_x,
             )
             if grad_moe is not None:
@@ -512,18 +567,16 @@ def check_expert_index(index: object, x: torch.Tensor, opt: RoundOptions, num_ex
     return index
 
 
-def _plan_for(x: torch.Tensor, p: GraphMoEParams, cd: torch.dtype,
-              expert_plan: str | None) -> str:
-    n, r, d = p.lora_A_gate.shape
-    widths = (r, 2 * r, d, p.gate_weight.shape[0])
+def _plan_for(x: torch.Tensor, p: GraphMoEParams, expert_plan: str | None) -> str:
+    n, r, _ = p.lora_A_gate.shape
     if expert_plan is None:
-        return choose_expert_plan(x.device, cd, n, r, widths)
+        return choose_expert_plan(x.device, n, r)
     if not isinstance(expert_plan, str) or expert_plan not in PLANS:
         raise ValueError(f"expert_plan={expert_plan!r} must be one of {sorted(PLANS)} or None")
-    if expert_plan == "grouped" and not grouped_supported(x.device, cd, widths):
+    if expert_plan == "grouped" and not grouped_supported(x.device):
         raise ValueError(
-            f"expert_plan='grouped' needs torch._grouped_mm for {x.device.type}/{cd} with "
-            f"16-byte-aligned widths {widths}; use 'masked'"
+            f"expert_plan='grouped' runs on a CPU only (it reads its segment bounds on the "
+            f"host); x is on {x.device}: use 'masked'"
         )
     return expert_plan
 
@@ -532,7 +585,7 @@ def backward_static(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions,
                     cd: torch.dtype) -> _Static:
     """The non-tensor inputs :func:`rounds_backward` needs, for a forward computed elsewhere
     (the triton backend's kernels) in compute dtype ``cd``."""
-    return _Static(opt, cd, _plan_for(x, p, cd, None))
+    return _Static(opt, cd, _plan_for(x, p, None))
 
 
 def graphmoe_torch(
@@ -577,6 +630,6 @@ def graphmoe_torch_unchecked(
     without the device sync of its value check (see :func:`check_expert_index`)."""
     check_frozen_base(p, "torch")
     cd = compute_dtype(x)
-    plan = _plan_for(x, p, cd, expert_plan)
+    plan = _plan_for(x, p, expert_plan)
     y, probs, index = _GraphMoEFunction.apply(x, _Static(opt, cd, plan), expert_index, *p)
     return RoutedOutput(y, probs, index)
