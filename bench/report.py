@@ -34,7 +34,7 @@ TARGET_VS_MIXLORA = 1.25
 TARGET_SAVED_RATIO = 0.35
 TARGET_OWN_FLOOR = 1.15
 # Base-GEMM units (one [tokens, d] x [d, D'] product) per round, forward+backward: 3 forward and
-# 3 input-gradient GEMMs, plus the 2 recomputed in backward. A dense frozen SwiGLU fwd+bwd is 6.
+# 3 input-gradient GEMMs (a dense frozen SwiGLU fwd+bwd likewise), 2 more when recomputing.
 DENSE_UNITS = 6
 
 

@@ -37,7 +37,7 @@ class GraphMoEConfig:
         router_init_std: standard deviation of the router's normal init.
         recompute_intermediates: ``False`` (the default): the fast backends save the base
             gate and up products (``2·D'`` values per token per round, as a dense SwiGLU MLP
-            saves its own; with LoRA dropout the torch backend also keeps the masks, ``k·D'``
+            saves its own; with LoRA dropout the torch backend also keeps the masks, ``k·D' + d``
             bytes) and recompute only the rank-``r`` deltas. ``True``: they save nothing
             ``D'``-wide and recompute the base gate/up products in backward (+2 base GEMMs
             per round: 8 instead of 6 forward+backward), the memory lever for long sequences.

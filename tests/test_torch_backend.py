@@ -655,6 +655,22 @@ def test_workspace_shared_by_interleaved_layers_and_growing_batches(plan, dropou
     assert torch.equal(ys[0], out_a.y) and torch.equal(ys[1], out_b.y)
 
 
+@pytest.mark.parametrize("plan", PLANS)
+def test_workspace_made_under_inference_mode_serves_training(plan):
+    """The first call under ``inference_mode`` makes the kept buffers; a training step after it
+    writes into them in place, which an inference tensor would refuse."""
+    from graphmoe_fused.backends.torch import release_workspace
+
+    release_workspace()
+    layer = make_layer(num_experts=8, lora_r=8)
+    x = torch.randn(13, 32)
+    with torch.inference_mode():
+        graphmoe_torch(x, layer.params(), layer.round_options(), expert_plan=plan)
+    want = run_with_grads(graphmoe_reference, layer, x, layer.round_options())
+    got = run_with_grads(graphmoe_torch, layer, x, layer.round_options(), expert_plan=plan)
+    _assert_matches(got, want, 2e-5)
+
+
 def test_workspace_is_kept_on_cpu_and_released_on_request(monkeypatch):
     from graphmoe_fused.backends.torch import release_workspace
     from graphmoe_fused.backends.torch.workspace import Workspace, workspace_for

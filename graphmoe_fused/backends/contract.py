@@ -65,7 +65,7 @@ class RoundOptions:
     gru_candidate_activation: str = "sigmoid"
     dropout_p: float = 0.0
     dropout_seed: int = 0
-    recompute_intermediates: bool = True
+    recompute_intermediates: bool = False
     deterministic: bool = False
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
   the chosen experts; the down projection runs once on the mixed activation, because ``W_D`` is
   linear and shared: ``Σ_j w_j W_D h_j = W_D Σ_j w_j h_j`` (design.md §2). Only the rank-r deltas
   are per slot; they go through :mod:`.expert` (masked dense over all
-  experts, or grouped by expert), never a Python loop over experts.
+  experts, or grouped by expert: a loop over the experts, on a CPU only).
 * **No host sync** (no ``.item()``, ``nonzero``, data-dependent shape) in forward or backward
   with the masked expert plan, the one CUDA runs; the grouped plan (CPU only) reads its
   segment bounds on the host, which costs nothing there.
@@ -130,12 +130,10 @@ def _dropout_masks(
     return _Masks(keep_x, keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p))
 
 
-# A bool operand makes an unvectorised mixed-dtype loop (5 ms for 6M elements on the development
-# CPU); the same bytes read as uint8 take half that, copied into a float buffer first a quarter.
-
-
 def _dropped(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout, ``t ⊙ keep / (1-p)``: bit for bit what the reference computes."""
+    """Inverted dropout, ``t ⊙ keep / (1-p)``: bit for bit what the reference computes. A bool
+    operand makes an unvectorised mixed-dtype loop (5 ms for 6M elements on the development
+    CPU); the same bytes read as uint8 take half that, copied into a float buffer a quarter."""
     return t.mul(keep.view(torch.uint8)).mul_(1.0 / (1.0 - p))
 
 
@@ -301,7 +299,9 @@ def _round_backward(
     grad_a_down_c = grad_a_down.to(cd)
     grads.a_down += plan.outer_pairs(grad_a_down_c, h_lora)
     del h_lora
-    grad_mix = plan.broadcast_tokens(torch.mm(grad_yc, w.down), out=buffer("scratch"))
+    # The masked plan broadcasts a view: only the grouped one fills a pair-layout buffer.
+    grad_mix = plan.broadcast_tokens(torch.mm(grad_yc, w.down),
+                                     out=buffer("scratch") if plan.kind == "grouped" else None)
     # ∂w_j = <h_j, W_Dᵀ ∂y> + c <a_down_j, B_D[e_j]ᵀ ∂y>; h is consumed in place.
     grad_pair_w = h.mul_(grad_mix).sum(-1, dtype=acc)
     grad_pair_w += c * (a_down * grad_b_in).sum(-1)
@@ -361,7 +361,7 @@ def routing_backward(
 
 class _GraphMoEFunction(torch.autograd.Function):
     """``(x, static, forced_index, *params) -> (y, router_probs, expert_index)`` with a
-    recomputing backward; ``forced_index`` (``[T, M, k]`` or ``None``) fixes the routing."""
+    hand-written backward; ``forced_index`` (``[T, M, k]`` or ``None``) fixes the routing."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, st: _Static, forced_index: torch.Tensor | None,

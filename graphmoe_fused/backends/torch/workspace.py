@@ -48,7 +48,10 @@ class Workspace:
         key = (role, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = self._buffers[key] = new_empty((numel,), dtype, device)
+            # A normal tensor even when the first call runs under inference_mode: an inference
+            # tensor could not be written in place by the later calls outside it.
+            with torch.inference_mode(False):
+                buf = self._buffers[key] = new_empty((numel,), dtype, device)
         elif poisoning():
             buf[:numel].fill_(float("nan") if dtype.is_floating_point else -1)
         return buf[:numel].view(tuple(shape))
