@@ -40,6 +40,19 @@ def _steps(out: Path) -> list[dict]:
     return [e for e in events if e["event"] == "step"], events
 
 
+def assert_same_steps(steps_two: list[dict], steps_one: list[dict], single) -> None:
+    """Losses, gradient norms and per-round aux losses of the 2-process run equal the single
+    process's (its log ``steps_one`` and its TrainResult ``single``) to rtol 1e-5."""
+    def close(got: list, want: list) -> None:
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
+
+    close([e["loss"] for e in steps_two], single.losses)
+    # the gradient itself (Adam hides its scale; the norm does not)
+    close([e["grad_norm"] for e in steps_two], [e["grad_norm"] for e in steps_one])
+    close([e["aux_loss_per_round"] for e in steps_two], single.aux_losses_per_round)
+
+
 def one_and_two_processes(tmp_path: Path, *flags: str):
     """``(one process's TrainResult, the 2-process run's directory, its stdout)`` on the same
     settings; asserts the 2-process run succeeded and printed its summary once (rank 0)."""
@@ -71,16 +84,7 @@ def test_two_processes_match_one(tmp_path):
     # Step 1 runs identical micro-batches on identical weights; only the order in which the four
     # micro-batch losses and gradients are added differs (rank-local then all-reduce), a few
     # float32/float64 ulps. Later steps inherit the adapter's rounding differences.
-    losses_two = torch.tensor([e["loss"] for e in steps_two], dtype=torch.float64)
-    losses_one = torch.tensor(single.losses, dtype=torch.float64)
-    torch.testing.assert_close(losses_two, losses_one, rtol=1e-5, atol=0)
-    # the gradient itself (Adam hides its scale; the norm does not): one process's and two's
-    norms = torch.tensor([[e["grad_norm"] for e in steps_two],
-                          [e["grad_norm"] for e in _steps(one)[0]]], dtype=torch.float64)
-    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
-    aux_two = torch.tensor([e["aux_loss_per_round"] for e in steps_two], dtype=torch.float64)
-    torch.testing.assert_close(aux_two, torch.tensor(single.aux_losses_per_round,
-                                                     dtype=torch.float64), rtol=1e-5, atol=0)
+    assert_same_steps(steps_two, _steps(one)[0], single)
     # Adapter: Adam moves each element by at most lr per step (|m̂/√v̂| <= 1), so rounding can
     # change an element by a small fraction of lr per step; 1% of STEPS * lr catches any real
     # difference (a lost micro-batch or a doubled gradient moves elements by ~lr) while allowing

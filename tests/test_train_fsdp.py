@@ -7,14 +7,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from graphmoe_fused.training import TrainConfig
 
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
-from .test_train_distributed import LR, STEPS, _steps, one_and_two_processes
+from .test_train_distributed import (
+    LR,
+    STEPS,
+    _steps,
+    assert_same_steps,
+    one_and_two_processes,
+)
 
 JSON_KEYS = {"graphmoe_config", "graphmoe_base_model"}  # metadata values that are JSON
 
@@ -37,15 +42,7 @@ def test_fsdp_two_processes_match_one(tmp_path):
     assert all(abs(n / total - 0.5) < 0.05 for n in held), (held, total)
     assert "fsdp" not in _steps(one)[1][0]
 
-    losses_two = torch.tensor([e["loss"] for e in steps_two], dtype=torch.float64)
-    torch.testing.assert_close(losses_two, torch.tensor(single.losses, dtype=torch.float64),
-                               rtol=1e-5, atol=0)
-    norms = torch.tensor([[e["grad_norm"] for e in steps_two],
-                          [e["grad_norm"] for e in _steps(one)[0]]], dtype=torch.float64)
-    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
-    aux_two = torch.tensor([e["aux_loss_per_round"] for e in steps_two], dtype=torch.float64)
-    torch.testing.assert_close(aux_two, torch.tensor(single.aux_losses_per_round,
-                                                     dtype=torch.float64), rtol=1e-5, atol=0)
+    assert_same_steps(steps_two, _steps(one)[0], single)
 
     # The adapter: full tensors (gathered), same names, shapes and metadata as unsharded.
     file_one = one / "adapter" / "graphmoe_adapter.safetensors"
