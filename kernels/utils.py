@@ -254,9 +254,28 @@ def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@functools.cache
+def interpreter_incompatibility() -> str | None:
+    """Why this triton's interpreter cannot run here, or ``None``. Triton 3.6's interpreter
+    turns loop bounds into ints with ``int(array)`` on 1-element arrays, which numpy 2.4
+    refuses; every kernel would fail in ``range(...)`` (triton 3.7 fixed it)."""
+    import numpy
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+        return None
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) does not run "
+                f"with numpy {numpy.__version__}: install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def check_device(name: str, tensor: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter only."""
     if is_interpreter():
+        if (problem := interpreter_incompatibility()) is not None:
+            raise RuntimeError(problem)
         if tensor.device.type != "cpu":
             raise ValueError(
                 f"{name} is on {tensor.device}; under TRITON_INTERPRET=1 the kernels take CPU "

@@ -26,15 +26,9 @@ ROUTER = "model.layers.0.mlp.router.weight"
 
 
 def _checkpointed(model, mode: str | None, every_n_layers: int = 1):
-    if mode is None:
-        return model
-    reentrant = mode == "reentrant"
-    if every_n_layers == 1:
-        enable_checkpointing(model, use_reentrant=reentrant)
-    else:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": reentrant},
-            every_n_layers=every_n_layers)
+    if mode is not None:
+        enable_checkpointing(model, use_reentrant=mode == "reentrant",
+                             every_n_layers=every_n_layers)
     return model
 
 

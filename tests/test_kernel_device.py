@@ -12,10 +12,11 @@ import inspect
 
 import pytest
 import torch
+import triton
 from graphmoe_fused.kernels.expert import backward, down, gate_up, layout
 from graphmoe_fused.kernels.gru import lowrank_gru
 from graphmoe_fused.kernels.routing import router_topk
-from graphmoe_fused.kernels.utils import is_interpreter, on_device_of
+from graphmoe_fused.kernels.utils import interpreter_incompatibility, is_interpreter, on_device_of
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 # The GRU backward's module by its full name: the package exports a function of the same name.
@@ -110,6 +111,33 @@ def test_cpu_inputs_need_no_guard(monkeypatch):
     w = torch.randn(4, 32) * 0.2
     probs, _, _ = router_topk.fused_router_topk(x, w, 2)
     torch.testing.assert_close(probs, torch.softmax(x @ w.T, -1), rtol=1e-5, atol=1e-6)
+
+
+class _NotAScalar:
+    def __int__(self):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+
+@pytest.mark.parametrize(("version", "numpy_refuses", "blocked"), [
+    ("3.6.0", True, True), ("3.6.0", False, False), ("3.7.0", True, False),
+    ("3.10.1", True, False)])
+def test_interpreter_incompatibility(monkeypatch, version, numpy_refuses, blocked):
+    """Triton 3.6's interpreter with numpy 2.4 fails in every kernel's loop bounds: named."""
+    import numpy
+
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(numpy, "zeros", lambda *_: _NotAScalar() if numpy_refuses else 0.0)
+    interpreter_incompatibility.cache_clear()
+    try:
+        problem = interpreter_incompatibility()
+        assert (problem is not None) == blocked
+        if blocked:
+            assert "numpy<2.4 or triton>=3.7" in problem and version in problem
+            if is_interpreter():  # a public entry says so before any launch
+                with pytest.raises(RuntimeError, match="does not run with numpy"):
+                    router_topk.fused_router_topk(torch.randn(5, 32), torch.randn(4, 32), 2)
+    finally:
+        interpreter_incompatibility.cache_clear()
 
 
 def test_guard_passes_arguments_and_result_through():

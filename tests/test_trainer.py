@@ -12,6 +12,7 @@ counted twice. Each test runs a few Trainer steps on CPU in about a second.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -130,8 +131,14 @@ def test_gradient_accumulation_without_the_weight_would_differ(tmp_path):
     assert not torch.allclose(delta, -manual.get_parameter(name).grad, rtol=1e-3, atol=1e-5)
 
 
+# 5.24 renamed the argument; the old name (the README's, known to 5.17 too) stays an alias.
+CHECKPOINTING_ARGS = [name for name in ("activation_checkpointing", "gradient_checkpointing")
+                      if name in {f.name for f in dataclasses.fields(TrainingArguments)}]
+
+
+@pytest.mark.parametrize("argument", CHECKPOINTING_ARGS)
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_trains_the_same_parameters(tmp_path, reentrant):
+def test_activation_checkpointing_trains_the_same_parameters(tmp_path, reentrant, argument):
     examples = _examples()
     common = {"max_steps": 2, "per_device_train_batch_size": 4, **SGD}
     plain = _model()
@@ -140,8 +147,8 @@ def test_activation_checkpointing_trains_the_same_parameters(tmp_path, reentrant
     calls = []
     checkpointed.get_submodule("model.layers.0.mlp").register_forward_pre_hook(
         lambda *_: calls.append(torch.is_grad_enabled()))
-    _train(checkpointed, tmp_path / "ckpt", examples, activation_checkpointing=True,
-           activation_checkpointing_kwargs={"use_reentrant": reentrant}, **common)
+    _train(checkpointed, tmp_path / "ckpt", examples, **{
+        argument: True, f"{argument}_kwargs": {"use_reentrant": reentrant}}, **common)
     # Each step ran the layer again in backward (reentrant: first under no_grad).
     assert calls == [not reentrant, True] * 2
     expected = _trainable(plain)

@@ -74,13 +74,18 @@ def batch(batch_size: int = 3, seq_len: int = 7, seed: int = 0, pad: bool = True
     return ids, mask, labels
 
 
-def enable_checkpointing(model: torch.nn.Module, use_reentrant: bool) -> None:
-    """Turns on HF activation checkpointing (5.24 renamed the method; 5.17 has the old name)."""
+def enable_checkpointing(model: torch.nn.Module, use_reentrant: bool,
+                         every_n_layers: int = 1) -> None:
+    """Turns on HF activation checkpointing, for every ``every_n_layers``-th decoder layer
+    (5.24 renamed the method and added ``every_n_layers``; 5.17 has the old name only)."""
     kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                              every_n_layers=every_n_layers)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, layer in enumerate(model.model.layers):  # what every_n_layers does in 5.24
+        layer.gradient_checkpointing = i % every_n_layers == 0
 
 
 def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -399,7 +399,14 @@ class _GraphMoEFunction(torch.autograd.Function):
             torch.stack([rnd.a_down for rnd in rounds]),
             *states, *outputs, *kept,
         )
-        return rounds[-1].y, probs, index
+        y = rounds[-1].y
+        if torch.compiler.is_compiling():
+            # y is an intermediate updated in place (add_). Dynamo in torch 2.11 also returns
+            # such intermediates from the traced forward, and autograd then routes y's gradient
+            # to that alias: every gradient came out zero (pytorch/pytorch#180642, fixed in
+            # 2.12). A copy of [M, d] is not an alias.
+            y = y.clone()
+        return y, probs, index
 
     @staticmethod
     @torch.autograd.function.once_differentiable
