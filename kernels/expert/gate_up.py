@@ -173,15 +173,17 @@ _lora_in_tuned = triton.autotune(
 
 # Through the k-slot epilogue the gate and up accumulators stay live next to the mixed h, the
 # slot's h and the chunk being multiplied. Measured with the compile report: 64×128 tiles with 8
-# warps are the largest that stay spill-free on sm_80 (128×64 spills a few registers there, though
-# not on sm_90). x is shared by W_G and W_U, so a 64×128 dual tile reads as little per FLOP as a
-# 64×256 single GEMM. LORA_CHUNK is how many masked-dense columns are multiplied at once: 32
-# spills on sm_80 at 64×128; 16 is one m16n8k16 / wgmma K-step.
+# warps are the largest that stay spill-free on sm_80 with triton 3.8-3.9 (3.6-3.7 spill 16-24 B;
+# 128×64 spills a few registers there, though not on sm_90). x is shared by W_G and W_U, so a
+# 64×128 dual tile reads as little per FLOP as a 64×256 single GEMM. LORA_CHUNK is how many
+# masked-dense columns are multiplied at once: 32 spills on sm_80 at 64×128; 16 is one
+# m16n8k16 / wgmma K-step. The small tiles (few tokens) are 16×64×64 and 64×32×32: 32×64×64
+# spills 8 B on sm_90 with triton 3.6-3.7 (torch 2.11-2.12), 64×32×64 up to 24 B on sm_80.
 _GATE_UP_GPU = [
     cfg(64, 128, 64, 8, 3, LORA_CHUNK=16), cfg(64, 128, 32, 8, 4, LORA_CHUNK=16),
     cfg(64, 128, 32, 8, 3, LORA_CHUNK=16), cfg(64, 64, 64, 8, 3, LORA_CHUNK=16),
-    cfg(64, 64, 32, 8, 4, LORA_CHUNK=16), cfg(32, 64, 64, 4, 4, LORA_CHUNK=16),
-    cfg(64, 32, 64, 4, 4, LORA_CHUNK=16),
+    cfg(64, 64, 32, 8, 4, LORA_CHUNK=16), cfg(16, 64, 64, 4, 4, LORA_CHUNK=16),
+    cfg(64, 32, 32, 4, 4, LORA_CHUNK=16),
 ]
 # Storing the base products too (SAVE_BASE) keeps two more tiles live across the K-loop's end:
 # the 64×128×64 3-stage config then spills 16 B on sm_80 (compile report), so it is left out.

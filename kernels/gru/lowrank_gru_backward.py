@@ -411,14 +411,15 @@ def _gru_bwd_weight_kernel(
 
 # gates: the forward's gates configs but 64 × 64 on 4 warps, which spills 112 B on sm_80 with h
 # and candidate x (three accumulators and a second activation tile; compile report).
-# candidate and reset: the forward's update configs (the candidate launch's epilogue holds five
-# fp32 tiles, ≤ 32 elements per thread each).
+# candidate: the forward's update configs (its epilogue holds five fp32 tiles, ≤ 32 elements
+# per thread each).
 GATES_BWD_GPU_CONFIGS = [c for c in GATES_GPU_CONFIGS
                          if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_H"], c.num_warps) != (64, 64, 4)]
 # input: up to three gradient and three weight tiles per K step, so BLOCK_K = 32 keeps
 # 3·(BLOCK_M + BLOCK_N)·BLOCK_K·2 B per stage ≤ 48 KB; one fp32 accumulator.
+# 64 × 128 on 8 warps: on 4 it spills 8-24 B on sm_80 with triton 3.6-3.8.
 INPUT_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
@@ -433,6 +434,13 @@ WEIGHT_GPU_CONFIGS = [
 ]
 INPUT_INTERPRETER_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+]
+# reset: the update configs spill on triton 3.6-3.7 here (the ∂r epilogue's extra tiles; 48-80
+# B on sm_80 and sm_90): BLOCK_K = 32 and two stages for the 128-row tile.
+RESET_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_H": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 WEIGHT_INTERPRETER_CONFIGS = [
     triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)
@@ -453,7 +461,7 @@ _candidate_tuned = triton.autotune(
     reset_to_zero=["bias_ptr"],
 )(_gru_bwd_candidate_kernel)
 _reset_tuned = triton.autotune(
-    configs=UPDATE_INTERPRETER_CONFIGS if _INTERPRET else UPDATE_GPU_CONFIGS,
+    configs=UPDATE_INTERPRETER_CONFIGS if _INTERPRET else RESET_GPU_CONFIGS,
     key=["M_BUCKET", "DH"],
 )(_gru_bwd_reset_kernel)
 _input_tuned = triton.autotune(
@@ -770,7 +778,7 @@ COMPILE_SPECS = [
         )
     ),
     _spec("gru_bwd.reset", _gru_bwd_reset_kernel, "bf16", ("gh_ptr", "ws_ptr"), {},
-          UPDATE_GPU_CONFIGS, ""),
+          RESET_GPU_CONFIGS, ""),
     # input: ∂h (z, r terms + the workspace), ∂y for candidate y (z, r, o terms), ∂x for
     # candidate x (o term only; ∂y then has the z, r terms, the ∂h variant's loop).
     *(
