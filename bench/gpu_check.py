@@ -1,6 +1,6 @@
 """Everything a short GPU loan should bring back, in one command:
 
-    pip install --no-deps -e . && python -m bench.gpu_check --out bench/results
+    python3 -m bench.gpu_check --out bench/results      # from the checkout's root, no install
 
 Four steps, in order, each in its own process with its own time box, so that one failing or
 hanging step (or a CUDA error that poisons its process) does not eat the others:

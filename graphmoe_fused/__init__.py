@@ -1,5 +1,8 @@
 """graphmoe_fused: GraphMoE (recurrent LoRA mixture-of-experts) layers with fused Triton kernels."""
 
+import os as _os
+from importlib.util import find_spec as _find_spec
+
 from .backends.contract import GraphMoEParams, RoundOptions, RoutedOutput
 from .config import GraphMoEConfig
 from .hf.adapters import load_adapter, load_adapter_config, save_adapter
@@ -17,6 +20,14 @@ from .hf.stats import (
 from .layer import GraphMoEMLP
 from .lowrank_gru import LowRankGRU
 from .version import __version__
+
+# Installed, the top-level kernels/ folder is graphmoe_fused.kernels (setup.py maps it). Run from
+# a source checkout that was never installed (a GPU machine without network cannot fetch the
+# build dependencies `pip install` asks for) it is found here instead, from the checkout's root.
+_CHECKOUT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _find_spec(f"{__name__}.kernels") is None and _os.path.isfile(
+        _os.path.join(_CHECKOUT, "kernels", "__init__.py")):
+    __path__.append(_CHECKOUT)
 
 __all__ = [
     "GraphMoEConfig",
