@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -264,7 +265,9 @@ def interpreter_incompatibility() -> str | None:
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
         return None
     try:
-        int(numpy.zeros(1))
+        with warnings.catch_warnings():  # numpy 1.25-2.3 only warn
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(numpy.zeros(1))
     except TypeError:
         return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) does not run "
                 f"with numpy {numpy.__version__}: install numpy<2.4 or triton>=3.7")
