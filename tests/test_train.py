@@ -4,11 +4,13 @@ statistics it writes, bit-exact resume, and every refusal made before anything i
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import modeling_utils
 
 from graphmoe_fused.cli import train_command
 from graphmoe_fused.data import BUILTIN_PRESET, DataError
@@ -360,3 +362,23 @@ def test_own_fsdp_shards_from_the_cpu(monkeypatch):
     # what fully_shard does not manage is moved afterwards (here: all of it, nothing is sharded)
     sharding.move_remaining(model, torch.device("meta"))
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path, monkeypatch):
+    plain = train(_config(tmp_path / "plain"), log=_quiet, progress=False)
+    calls = []
+    checkpoint = modeling_utils.checkpoint  # what HF binds into each layer when enabling
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the renamed HF method's warning
+        checkpointed = train(_config(tmp_path / "ckpt", gradient_checkpointing=True),
+                             log=_quiet, progress=False)
+    # Every decoder layer, every micro-batch, non-reentrant; the same run as without.
+    assert calls and set(calls) == {False}
+    assert checkpointed.losses == plain.losses
+    assert checkpointed.aux_losses == plain.aux_losses

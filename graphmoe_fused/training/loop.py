@@ -410,7 +410,13 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot convert {cfg.model or 'the built-in model'}: {exc}") from None
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed the method (the old name warns); 5.17 has only the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     resume_from = newest_checkpoint(out) if cfg.resume else None
     return _Prepared(cfg, out, model, tokenizer, features, eval_sets, resume_from)
 

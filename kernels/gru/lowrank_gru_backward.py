@@ -435,8 +435,8 @@ WEIGHT_GPU_CONFIGS = [
 INPUT_INTERPRETER_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 ]
-# reset: the update configs spill on triton 3.6-3.7 here (the ∂r epilogue's extra tiles; 48-80
-# B on sm_80 and sm_90): BLOCK_K = 32 and two stages for the 128-row tile.
+# reset: with triton 3.6-3.7 the update configs spill 48-80 B here on sm_80 and sm_90 (compile
+# report) where these do not: BLOCK_K = 32, and two stages for the 128-row tile.
 RESET_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
