@@ -52,19 +52,13 @@ SPILL_FREE_SM80_SINCE = (3, 8)
 OLD_TRITON_SM80_SPILL = 128
 
 
-def _release(version: str) -> tuple[int, int]:
-    return tuple(int(part) for part in version.split(".")[:2])  # type: ignore[return-value]
-
-
 def spill_allowance(spec: KernelSpec, arch: int, triton_version: str | None = None) -> int:
     """Bytes per thread a config of ``spec`` may spill on ``sm_{arch}`` with this triton: the
     spec's known spill, or the older releases' sm_80 bound."""
-    if triton_version is None:
-        import triton
+    from .utils import triton_release
 
-        triton_version = triton.__version__
     allowed = spec.known_spills.get(arch, 0)
-    if arch == 80 and _release(triton_version) < SPILL_FREE_SM80_SINCE:
+    if arch == 80 and triton_release(triton_version) < SPILL_FREE_SM80_SINCE:
         allowed = max(allowed, OLD_TRITON_SM80_SPILL)
     return allowed
 

@@ -255,6 +255,12 @@ def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def triton_release(version: str | None = None) -> tuple[int, int]:
+    """``(major, minor)`` of ``version``, by default the installed triton's."""
+    major, minor = (version or triton.__version__).split(".")[:2]
+    return int(major), int(minor)
+
+
 @functools.cache
 def interpreter_incompatibility() -> str | None:
     """Why this triton's interpreter cannot run here, or ``None``. Triton 3.6's interpreter
@@ -262,7 +268,7 @@ def interpreter_incompatibility() -> str | None:
     refuses; every kernel would fail in ``range(...)`` (triton 3.7 fixed it)."""
     import numpy
 
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+    if triton_release() >= (3, 7):
         return None
     try:
         with warnings.catch_warnings():  # numpy 1.25-2.3 only warn

@@ -14,6 +14,9 @@ from transformers import (
 
 import graphmoe_fused as gm
 from graphmoe_fused.hf.adapters import adapter_state_dict
+from graphmoe_fused.hf.checkpointing import (  # noqa: F401 (the tests' name for it)
+    enable_activation_checkpointing as enable_checkpointing,
+)
 
 VOCAB = 97
 SHAPES = {
@@ -72,20 +75,6 @@ def batch(batch_size: int = 3, seq_len: int = 7, seed: int = 0, pad: bool = True
             mask[b, : min(2 * b, seq_len - 1)] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
-
-
-def enable_checkpointing(model: torch.nn.Module, use_reentrant: bool,
-                         every_n_layers: int = 1) -> None:
-    """Turns on HF activation checkpointing, for every ``every_n_layers``-th decoder layer
-    (5.24 renamed the method and added ``every_n_layers``; 5.17 has the old name only)."""
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
-                                              every_n_layers=every_n_layers)
-        return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for i, layer in enumerate(model.model.layers):  # what every_n_layers does in 5.24
-        layer.gradient_checkpointing = i % every_n_layers == 0
 
 
 def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..hf.adapters import save_adapter
+from ..hf.checkpointing import enable_activation_checkpointing
 from ..hf.convert import apply_graphmoe, graphmoe_layers
 from ..hf.stats import counts_to_lists, parameter_report, routing_document, routing_statistics
 from . import batches as order
@@ -410,13 +411,7 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot convert {cfg.model or 'the built-in model'}: {exc}") from None
     if cfg.gradient_checkpointing:
-        # transformers 5.24 renamed the method (the old name warns); 5.17 has only the old one.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     resume_from = newest_checkpoint(out) if cfg.resume else None
     return _Prepared(cfg, out, model, tokenizer, features, eval_sets, resume_from)
 
