@@ -263,9 +263,10 @@ def markdown(results: dict[str, Any]) -> str:
     kernels = bench.get("kernels", {})
     if "median_ms" in kernels:
         lines += ["## One round's kernels (forward)", ""] + _table(
-            (*kernels["median_ms"], "round", "GRU share"),
+            (*kernels["median_ms"], "round", "GRU share", "routing order speed-up"),
             [(*(_fmt(v, " ms") for v in kernels["median_ms"].values()),
-              _fmt(kernels["round_ms"], " ms"), _fmt(100 * kernels["gru_share"], " %"))]) + [""]
+              _fmt(kernels["round_ms"], " ms"), _fmt(100 * kernels["gru_share"], " %"),
+              _fmt(kernels.get("routing_order_speedup"), "×"))]) + [""]
     sweep = {k: v for k, v in bench.get("rounds_T1_to_T5", {}).items() if k.startswith("T=")}
     if sweep:
         lines += ["## triton inference latency, T = 1..5", ""] + _table(

@@ -437,7 +437,8 @@ def round_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]
 
 def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
     """The raw kernels of one round, forward, as the triton backend calls them; the GRU share of
-    a non-final round = GRU / (router + gate_up + down + GRU)."""
+    a non-final round = GRU / (router + gate_up + down + GRU); and gate_up with the tokens in
+    their order (``sort_tokens=False``) against the routing order it runs in."""
     from graphmoe_fused.kernels.expert import expert_down, expert_gate_up, expert_lora_layout
     from graphmoe_fused.kernels.gru import fused_lowrank_gru
     from graphmoe_fused.kernels.routing import fused_router_topk
@@ -457,6 +458,9 @@ def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any
         "router": lambda: fused_router_topk(x, p.router_weight, s.top_k),
         "gate_up": lambda: expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights,
                                           experts, c),
+        # What visiting the tokens in routing order saves (kernels/expert/token_order.py).
+        "gate_up_unsorted": lambda: expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights,
+                                                   experts, c, sort_tokens=False),
         "down": lambda: expert_down(h_mix, p.down_weight, lora, a_mix, c),
         "gru": lambda: fused_lowrank_gru(h, y, x, p.gru_weight_z, p.gru_weight_r,
                                          p.gru_weight_o, p.gru_bias_o, p.gru_weight_g),
@@ -464,8 +468,9 @@ def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any
     steps = {n: harness.function_step(ctx, fn, None, []) for n, fn in calls.items()}
     times = interleaved(steps, rounds, warmup)
     medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    return {"median_ms": medians, "round_ms": sum(medians.values()),
-            "gru_share": medians["gru"] / sum(medians.values())}
+    round_ms = sum(v for n, v in medians.items() if n != "gate_up_unsorted")
+    return {"median_ms": medians, "round_ms": round_ms, "gru_share": medians["gru"] / round_ms,
+            "routing_order_speedup": paired_ratio(times, "gate_up_unsorted", "gate_up")}
 
 
 def memory(ctx: BenchContext) -> dict[str, Any]:

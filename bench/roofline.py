@@ -21,6 +21,8 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from bench.shapes import SHAPES, BenchShape
 
 # Peak dense bf16 tensor-core FLOP/s and HBM bandwidth (vendor data sheets: A100 SXM 80 GB,
@@ -62,14 +64,75 @@ def dense_round(s: BenchShape) -> list[Kernel]:
     ]
 
 
-def graphmoe_round(s: BenchShape, recompute: bool, grouped: bool = False) -> list[Kernel]:
-    """One non-final GraphMoE round on the kernels, forward and backward. ``grouped``: the
-    per-slot LoRA products over ``r`` columns (a grouped, token-sorted path) instead of the
-    masked-dense ``n·r``, to show what that path would buy."""
+# Rows per tile of each expert kernel (BLOCK_M of its first GPU config, kernels/expert/) and
+# the masked-dense chunk width (LORA_CHUNK of every GPU config): a sorted tile's chunk loops
+# cover the experts of its rows, so the work depends on both.
+TILE_ROWS = {"gate_up": 64, "gate_up_backward": 32, "gate_up_wgrad": 32, "dx": 64}
+LORA_CHUNK = 16
+# The routing the spans are averaged over: uniform top-k, seeded (a floor for balanced routers,
+# which the load-balancing loss pushes towards).
+ROUTING_SEED = 0
+ORDERS = {"routing": "tokens in routing order (as built)",
+          "tokens": "tokens in their order (sort_tokens=False)",
+          "grouped": "grouped LoRA (r columns per slot, the ideal)"}
+
+
+@dataclass(frozen=True)
+class LoraColumns:
+    """Masked-dense LoRA columns a tile's loops run over, per token, averaged over tiles:
+    ``slot[j]`` for slot ``j``'s loops (from its lowest to its highest expert's chunk), and
+    ``union`` for the loops that test each chunk against every slot (dx, ∂B_D)."""
+
+    slot: tuple[float, ...]
+    union: float
+
+
+def lora_columns(s: BenchShape, tile_rows: int, order: str) -> LoraColumns:
+    """The LoRA columns of :class:`LoraColumns` for one kernel's tiles of ``tile_rows`` tokens.
+    ``order``: ``"routing"`` (the built path: tokens sorted by their experts, slot 0 first),
+    ``"tokens"`` (``sort_tokens=False``), or ``"grouped"`` (the ideal: each slot's ``r``
+    columns only, as a grouped GEMM would run)."""
+    n, k, r = s.num_experts, s.top_k, s.lora_r
+    if order == "grouped":
+        return LoraColumns((float(r),) * k, float(k * r))
+    g = torch.Generator().manual_seed(ROUTING_SEED)
+    index = torch.rand(s.tokens, n, generator=g).argsort(dim=1)[:, :k]
+    if order == "routing":
+        key = index[:, 0] * n + (index[:, 1] if k > 1 else 0)
+        index = index[torch.sort(key, stable=True).indices]
+    elif order != "tokens":
+        raise ValueError(f"order must be 'routing', 'tokens' or 'grouped', got {order!r}")
+    # The kernels pad r to R_PAD (the next power of two) and step by LORA_CHUNK.
+    r_pad = 1 << (r - 1).bit_length()
+    slot = [0.0] * k
+    union = 0.0
+    tiles = index.split(tile_rows)
+    for tile in tiles:
+        for j in range(k):
+            first = int(tile[:, j].min()) * r_pad // LORA_CHUNK
+            end = -(-(int(tile[:, j].max()) + 1) * r_pad // LORA_CHUNK)
+            slot[j] += (end - first) * LORA_CHUNK
+        chunks = {(int(e) * r_pad + i) // LORA_CHUNK for e in tile.unique()
+                  for i in range(0, r_pad, LORA_CHUNK)}
+        union += len(chunks) * LORA_CHUNK
+    return LoraColumns(tuple(x / len(tiles) for x in slot), union / len(tiles))
+
+
+def graphmoe_round(s: BenchShape, recompute: bool, order: str = "routing") -> list[Kernel]:
+    """One non-final GraphMoE round on the kernels, forward and backward, with the tokens in
+    ``order`` (:func:`lora_columns`)."""
     m, d, f, n, k, r, dh = s.tokens, s.d, s.intermediate, s.num_experts, s.top_k, s.lora_r, s.dh
-    # LoRA columns a slot's products run over: every expert's block, zeros for the unchosen
-    # (masked dense), or only its own (grouped).
-    nr = r if grouped else n * r
+    nr = n * r  # the dense rank-r products (lora_in, b, the down kernel's B_D) run over all
+    cols = {name: lora_columns(s, rows, order) for name, rows in TILE_ROWS.items()}
+
+    def deltas(c: LoraColumns) -> float:
+        # A slot's gate and up deltas: slot j−1's taken out, slot j's put in (the first: in).
+        return sum(2 * gemm(m, f, c.slot[j]) + (2 * gemm(m, f, c.slot[j - 1]) if j else 0)
+                   for j in range(k))
+
+    def per_slot(c: LoraColumns, products: int) -> float:
+        return products * sum(gemm(m, f, x) for x in c.slot)
+
     wgu, wd = 2 * d * f * B16, d * f * B16
     act_d, act_f = m * d * B16, m * f * B16
     lora_f = nr * f * B16  # one [n·r, D'] factor
@@ -78,8 +141,8 @@ def graphmoe_round(s: BenchShape, recompute: bool, grouped: bool = False) -> lis
     fwd = [
         Kernel("router + top-k", gemm(m, n, d), act_d + m * n * B32),
         Kernel("lora_in: c·x·[A_G; A_U]ᵀ", gemm(m, 2 * nr, d), act_d + 2 * nr * d * B16),
-        Kernel("gate/up: dual GEMM, k slots' masked LoRA, SwiGLU, mix, A_D products",
-               2 * gemm(m, f, d) + k * (2 * gemm(m, f, nr) + gemm(m, nr, f)),
+        Kernel("gate/up: dual GEMM, k slots' LoRA deltas, SwiGLU, mix, A_D products",
+               2 * gemm(m, f, d) + deltas(cols["gate_up"]) + per_slot(cols["gate_up"], 1),
                act_d + wgu + 3 * lora_f + act_f + m * nr * B32 + saved_gu),
         Kernel("down: W_D h_mix + masked B_D", gemm(m, d, f) + gemm(m, d, nr),
                act_f + wd + act_d + m * nr * B32),
@@ -91,25 +154,25 @@ def graphmoe_round(s: BenchShape, recompute: bool, grouped: bool = False) -> lis
                2 * gemm(m, 3 * dh, dh + d) + 2 * gemm(m, 3 * dh, dh + d) + 2 * gemm(m, d, dh),
                5 * act_d + 2 * gru_w),
         Kernel("down backward: dh_base = dy W_D, b = c·dy B_Dᵀ, dB_D",
-               gemm(m, f, d) + 2 * gemm(m, nr, d), act_d + wd + act_f + 2 * m * nr * B32),
+               gemm(m, f, d) + gemm(m, nr, d) + gemm(m, cols["dx"].union, d),
+               act_d + wd + act_f + 2 * m * nr * B32),
         Kernel("gate/up backward: G, U (recomputed or read), k slots' LoRA, SwiGLU backward, "
                "dG, dU, dw, d a",
                (2 * gemm(m, f, d) if recompute else 0)
-               + k * (2 * gemm(m, f, nr)  # the slot's gate and up deltas again
-                      + gemm(m, f, nr)  # dh_j's rank-r term A_Dᵀ b_j
-                      + 2 * gemm(m, nr, f)),  # d a_g, d a_u
+               + deltas(cols["gate_up_backward"])  # the slots' gate and up deltas again
+               + per_slot(cols["gate_up_backward"], 3),  # A_Dᵀ b_j; d a_g, d a_u
                # reads x and the weights (recompute) or the saved G, U; writes G, U once when
                # recomputed (for the second kernel), dG, dU and the rank-r results.
                (act_d + wgu + 2 * act_f if recompute else saved_gu) + 3 * lora_f + 3 * act_f
                + 2 * m * nr * B32),
         Kernel("gate/up weight gradients: dB_G, dB_U, dA_D (token reductions, the slots' "
                "dgate, dup, h re-derived from G, U)",
-               k * (3 * gemm(m, f, nr)  # the slot's deltas and A_Dᵀ b_j again
-                    + 2 * gemm(nr, f, m)  # dB_G, dB_U
-                    + gemm(nr, f, m)),  # dA_D
+               deltas(cols["gate_up_wgrad"])  # the slots' deltas and A_Dᵀ b_j again
+               + per_slot(cols["gate_up_wgrad"], 1 + 3),  # and dB_G, dB_U, dA_D
                2 * act_f + act_f + 3 * lora_f + 3 * nr * f * B32 + 2 * m * nr * B32),
-        Kernel("dx: dG W_G + dU W_U + masked A paths, dA_G, dA_U",
-               2 * gemm(m, d, f) + 2 * gemm(m, d, 2 * nr), 2 * act_f + wgu + 2 * act_d),
+        Kernel("dx: dG W_G + dU W_U + LoRA A paths, dA_G, dA_U",
+               2 * gemm(m, d, f) + 2 * gemm(m, d, 2 * cols["dx"].union),
+               2 * act_f + wgu + 2 * act_d),
         Kernel("router backward (softmax, top-k renormalisation, dR, dx)",
                2 * gemm(m, n, d), 2 * act_d),
     ]
@@ -143,11 +206,21 @@ def report(shape_name: str = "llama3-8b") -> str:
     for recompute in (False, True):
         kernels = graphmoe_round(s, recompute)
         label = "recompute_intermediates=" + str(recompute)
-        lines.append(f"| *{label}* | | | | |")
+        lines.append(f"| *{label}, {ORDERS['routing']}* | | | | |")
         lines += [row(x) for x in kernels]
         lines.append(total_row(f"GraphMoE round ({label})", kernels))
     lines += [row(x) for x in dense]
     lines.append(total_row("dense SwiGLU MLP, forward + input backward", dense))
+    lines.append("")
+    lines.append(f"LoRA columns a tile's loops run over, per slot and for the slots' union "
+                 f"(of n·r = {s.num_experts * s.lora_r}), uniform routing:")
+    for name, rows in TILE_ROWS.items():
+        cells = []
+        for order in ("routing", "tokens"):
+            c = lora_columns(s, rows, order)
+            cells.append(f"{order} order " + " / ".join(f"{x:.1f}" for x in c.slot)
+                         + f", union {c.union:.1f}")
+        lines.append(f"- {name} ({rows}-row tiles): " + "; ".join(cells))
     lines.append("")
 
     def floor(kernels: list[Kernel], gpu: str) -> float:
@@ -155,15 +228,15 @@ def report(shape_name: str = "llama3-8b") -> str:
 
     t = s.num_rounds
     for recompute in (False, True):
-        for grouped in (False, True):
-            kernels = graphmoe_round(s, recompute, grouped)
+        for order, label in ORDERS.items():
+            kernels = graphmoe_round(s, recompute, order)
             gru = [x for x in kernels if x.name.startswith("GRU")]
             # T rounds, the GRU (and its backward) between them only: T - 1 times.
             ratios = [(t * floor(kernels, g) - floor(gru, g)) / (t * floor(dense, g))
                       for g in GPUS]
             lines.append(
                 f"- recompute_intermediates={recompute}, "
-                f"{'grouped' if grouped else 'masked-dense'} LoRA: T = {t} rounds at "
+                f"{label}: T = {t} rounds at "
                 + ", ".join(f"{v:.2f}× ({g})" for v, g in zip(ratios, GPUS, strict=True))
                 + f" the floor of {t} × the dense MLP")
     lines.append("")

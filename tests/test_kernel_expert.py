@@ -454,6 +454,59 @@ def test_strided_input_and_output_buffers():
     assert out_buf[:, inter:].isnan().all()
 
 
+# ---------------------------------------------------------------------------------------------
+# Tokens in routing order (kernels/expert/token_order.py): the tiles visit the tokens sorted by
+# their experts and skip the LoRA chunks no row of the tile chose.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, experts, rank, top_k, gate_up",
+    [
+        pytest.param(F32, 4, 4, 2, None, id="fp32-interpreter-config"),
+        # 8 rank-4 experts per 32-wide chunk: a chunk is skipped only when none of them is used.
+        pytest.param(F32, 8, 4, 3, blocks(32, 32, 16, 2, LORA_CHUNK=32), id="fp32-wide-chunks"),
+        pytest.param(BF16, 6, 3, 2, None, id="bf16-r3-padded"),
+    ],
+)
+def test_routing_order_changes_no_bit(dtype, experts, rank, top_k, gate_up):
+    # 70 tokens over 5 row blocks, dropout on (its masks hash the token id, not the position),
+    # the base products saved: every output is per token, so visiting the tokens in another
+    # order must give the same bits. The deterministic a_mix too (its D'-tile order is fixed).
+    pr = make_problem(70, 24, 50, experts, rank, top_k, dtype, seed=5, dropout_p=0.2)
+    configs = None if gate_up is None else {"gate_up": gate_up}
+    inter = pr.gate_weight.shape[0]
+    results = []
+    for sort in (True, False):
+        base = tuple(new_output((70, inter), dtype, DEVICE) for _ in range(2))
+        h_mix, a_mix, y = run_both(pr, configs=configs, deterministic=True, base_out=base,
+                                   sort_tokens=sort)
+        results.append((h_mix, a_mix, y, *base))
+    for name, got, want in zip(("h_mix", "a_mix", "y", "gate", "up"), *results, strict=True):
+        assert torch.equal(got, want), name
+    check_problem(pr, dtype, configs=configs)
+
+
+def test_sorted_tiles_skip_the_chunks_of_unused_experts():
+    # Expert 3's LoRA B is NaN and 8 of 64 tokens (every 8th) choose it, k = 1; rank 16, so a
+    # 16-wide LoRA chunk is one expert. A masked-dense product multiplies the other rows' zeros
+    # by that NaN wherever a tile runs expert 3's chunk; sorted, the 8 tokens share one 16-row
+    # tile and only that tile runs it, in the original order every tile does. Without the skip
+    # every row would be NaN either way.
+    tokens, experts = 64, 4
+    index = torch.tensor([[3] if m % 8 == 0 else [m % 3] for m in range(tokens)])
+    pr = make_problem(tokens, 24, 40, experts, 16, 1, F32, seed=7, index=index)
+    pr = pr._replace(lora_B_gate=pr.lora_B_gate.index_fill(0, torch.tensor([3]), float("nan")))
+    chose_3 = index[:, 0] == 3
+    nan_rows = {}
+    for sort in (True, False):
+        h_mix, _, _ = run_both(pr, sort_tokens=sort)
+        nan_rows[sort] = h_mix.isnan().any(1)
+        assert nan_rows[sort][chose_3].all()  # the tokens that chose expert 3 get its NaN
+    assert nan_rows[True].sum() <= 16  # the one tile of sorted tokens
+    assert nan_rows[False].all()  # every 16-row tile holds two of them
+
+
 def test_zero_tokens():
     pr = make_problem(0, 24, 40, 4, 4, 2, F32)
     h_mix, a_mix, y = run_both(pr)

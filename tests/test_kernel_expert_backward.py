@@ -236,6 +236,54 @@ def test_dropout_masks_matter():
     assert (plain.grad_x.double() - ref["grad_x"]).abs().max() > 1e-3
 
 
+def test_nan_in_an_unchosen_experts_factors_stays_there():
+    # Expert 3 is never chosen and all six of its factors are NaN; rank 16, so each 16-wide
+    # LoRA chunk is one expert's block. The masked-dense products would multiply zeros by those
+    # NaNs; the kernels run only the chunks between the lowest and the highest expert a tile's
+    # slot chose (kernels/expert/token_order.py), so every gradient is finite, expert 3's
+    # exactly zero, and the rest the oracle's (which never reads expert 3).
+    tokens, experts = 13, 4
+    g = torch.Generator().manual_seed(11)
+    index = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(tokens)])
+    p, weights, index = make_problem(tokens, 32, 48, experts, 16, 2, F32, seed=11, index=index)
+    for name in ("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"):
+        p[name] = p[name].index_fill(0, torch.tensor([3]), float("nan"))
+    out, _ = check(p, weights, index, F32, 0.1)
+    for name in NAMES[2:]:
+        assert torch.equal(getattr(out, name)[3], torch.zeros_like(getattr(out, name)[3])), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens in routing order (kernels/expert/token_order.py).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("pinned", [False, True], ids=["interpreter-config", "wide-chunks"])
+def test_routing_order_changes_no_per_token_bit(deterministic, pinned):
+    # 70 tokens over 5 row blocks, dropout on (the masks hash the token id, not the position).
+    # ∂x and ∂w are per token: the same bits in any visiting order. The weight gradients sum
+    # over tokens, in another order when sorted: equal to fp32 rounding.
+    p, weights, index = make_problem(70, 32, 48, 8, 4, 3, F32, seed=12)
+    configs = None
+    if pinned:  # 8 rank-4 experts per 32-wide chunk
+        configs = {"gate_up": lora_blocks(32, 32, 16, 32), "dx": lora_blocks(16, 32, 32, 32),
+                   "gate_up_wgrad": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16,
+                                                   "LORA_CHUNK": 32}, num_warps=4,
+                                                  num_stages=1)}
+    _, a_mix = oracle(p, weights, index, 0.1)
+    sorted_, ref = check(p, weights, index, F32, 0.1, deterministic=deterministic,
+                         configs=configs)
+    plain = run(p, weights, index, a_mix, 0.1, deterministic=deterministic, configs=configs,
+                sort_tokens=False)
+    for name in NAMES[:2]:
+        assert torch.equal(getattr(sorted_, name), getattr(plain, name)), name
+    for name in NAMES[2:]:
+        scale = ref[name].abs().max().item()
+        torch.testing.assert_close(getattr(sorted_, name), getattr(plain, name), rtol=0,
+                                   atol=4e-7 * scale, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Deterministic mode.
 # ---------------------------------------------------------------------------------------------

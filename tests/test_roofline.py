@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-from bench.roofline import GPUS, dense_round, gemm, graphmoe_round, report
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.roofline import (
+    GPUS,
+    LORA_CHUNK,
+    ORDERS,
+    ROUTING_SEED,
+    TILE_ROWS,
+    LoraColumns,
+    dense_round,
+    gemm,
+    graphmoe_round,
+    lora_columns,
+    report,
+)
 from bench.shapes import SHAPES
 
 
@@ -13,22 +30,78 @@ def test_dense_baseline_is_six_gemm_units():
     assert sum(k.flops for k in dense_round(s)) == 6 * unit
 
 
+def lora_flops(s, recompute: bool, order: str) -> float:
+    unit = gemm(s.tokens, s.intermediate, s.d)
+    base = sum(k.flops for k in graphmoe_round(s, recompute, order)
+               if not k.name.startswith(("GRU", "router", "lora_in")))
+    return base - (8 if recompute else 6) * unit
+
+
 def test_base_gemm_units_of_a_graphmoe_round():
     # Everything but the rank-r and GRU products: 6 base GEMM units with G and U saved, 8 with
-    # them recomputed. With r = 0 LoRA columns nothing else is left but the router and GRU.
+    # them recomputed; the LoRA products on top do not depend on that choice.
     s = SHAPES["llama3-8b"]
     unit = gemm(s.tokens, s.intermediate, s.d)
-    for recompute, units in ((False, 6), (True, 8)):
-        kernels = graphmoe_round(s, recompute)
-        base = sum(k.flops for k in kernels if not k.name.startswith(("GRU", "router", "lora_in")))
-        lora = base - units * unit
-        # The masked-dense LoRA products, forward and backward (the weight-gradient kernel
-        # re-derives each slot's deltas): nearly a whole unit, 15/16 at this shape.
-        assert 0.9 * unit < lora < 1.0 * unit
-        grouped = graphmoe_round(s, recompute, grouped=True)
-        grouped_lora = sum(k.flops for k in grouped
-                           if not k.name.startswith(("GRU", "router", "lora_in"))) - units * unit
-        assert abs(grouped_lora * s.num_experts - lora) < 1e-6 * lora  # n times fewer columns
+    for order in ORDERS:
+        assert lora_flops(s, False, order) == lora_flops(s, True, order), order
+    # Grouped (one expert's r columns per slot), counted by hand in [m, r] × [r, D'] products:
+    # the gate/up deltas are 2 for slot 0 (gate, up in) and 4 for each later slot (the previous
+    # slot's out, its own in): 2(2k − 1) per kernel that derives them. Forward: the deltas and
+    # A_D (k); gate/up backward: the deltas, A_Dᵀ b, d a_g, d a_u (3k); weight gradients: the
+    # deltas, A_Dᵀ b, ∂B_G, ∂B_U, ∂A_D (4k). Then the dense n·r products (B_D forward, b) and
+    # the ones over the slots' union of k·r columns (∂B_D, dx's two A paths).
+    m, d, f, n, k, r = s.tokens, s.d, s.intermediate, s.num_experts, s.top_k, s.lora_r
+    deltas = 2 * (2 * k - 1)
+    expected = (3 * deltas + k + 3 * k + 4 * k) * gemm(m, f, r)
+    expected += 2 * gemm(m, d, n * r) + gemm(m, k * r, d) + 2 * gemm(m, d, 2 * k * r)
+    assert abs(lora_flops(s, False, "grouped") - expected) < 1e-9 * expected
+    # Tokens in their order: every 32- or 64-row tile holds all 8 experts in each slot, so the
+    # loops run over nearly all n·r columns: more than a base GEMM unit on top.
+    assert 1.0 * unit < lora_flops(s, False, "tokens") < 1.2 * unit
+    # Sorted: within 25 % of the grouped ideal.
+    assert lora_flops(s, False, "grouped") < lora_flops(s, False, "routing") \
+        < 1.25 * lora_flops(s, False, "grouped")
+
+
+def kernel_loop_columns(index, tile_rows: int, r_pad: int, chunk: int, n: int):
+    """The chunk loops of kernels/expert/token_order.py, run literally on each tile: per slot
+    ``range(start, end, chunk)`` from chunk_range, and for the union every chunk of
+    ``range(0, n·r_pad, chunk)`` that slots_use_chunk keeps."""
+    k = index.shape[1]
+    slot, union, tiles = [0] * k, 0, 0
+    for tile in index.split(tile_rows):
+        tiles += 1
+        for j in range(k):
+            first, last = int(tile[:, j].min()), int(tile[:, j].max())
+            slot[j] += len(range(first * r_pad // chunk * chunk, (last + 1) * r_pad, chunk))
+        for c0 in range(0, n * r_pad, chunk):
+            lo, hi = c0 // r_pad, (c0 + chunk - 1) // r_pad
+            union += bool(((tile >= lo) & (tile <= hi)).any())
+    return [x * chunk / tiles for x in slot], union * chunk / tiles
+
+
+@pytest.mark.parametrize("rank", [4, 16, 64])
+def test_lora_columns_are_the_kernels_chunk_loops(rank):
+    # r = 4: four experts per 16-wide chunk; r = 64: four chunks per expert.
+    s = replace(SHAPES["llama3-8b"], tokens=1000, lora_r=rank)
+    g = torch.Generator().manual_seed(ROUTING_SEED)
+    index = torch.rand(s.tokens, s.num_experts, generator=g).argsort(dim=1)[:, :s.top_k]
+    key = index[:, 0] * s.num_experts + index[:, 1]
+    for order, tokens in (("tokens", index), ("routing", index[key.argsort(stable=True)])):
+        got = lora_columns(s, 64, order)
+        slot, union = kernel_loop_columns(tokens, 64, rank, LORA_CHUNK, s.num_experts)
+        assert got.slot == pytest.approx(slot) and got.union == pytest.approx(union), order
+    assert lora_columns(s, 64, "grouped") == LoraColumns((float(rank),) * 2, 2.0 * rank)
+
+
+def test_tile_rows_are_the_kernels_first_gpu_configs():
+    from kernels.expert import backward, gate_up
+
+    firsts = {"gate_up": gate_up._GATE_UP_GPU, "gate_up_backward": backward._GATE_UP_BWD_GPU,
+              "gate_up_wgrad": backward._WGRAD_GPU, "dx": backward._DX_GPU}
+    for name, configs in firsts.items():
+        assert TILE_ROWS[name] == configs[0].kwargs["BLOCK_M"], name
+        assert all(c.kwargs["LORA_CHUNK"] == LORA_CHUNK for c in configs), name
 
 
 def test_report_prints_every_gpu_and_both_modes():

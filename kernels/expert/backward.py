@@ -53,6 +53,12 @@ Launches:
    mask on the LoRA part only, and the token reductions ``∂A_G, ∂A_U`` (``da^T @ drop_x(x)``) and
    ``∂B_D`` (``c · a_mix^T @ dy``), whose ``[n·R, d]`` tiles this grid owns.
 
+Token order: the token blocks of 3, 3b and 4 hold tokens in the forward's routing order
+(:mod:`.token_order`, recomputed from the saved routing), so each slot's masked-dense loops run
+only over the chunks of the block's experts, and 4's shared LoRA loops skip the chunks no slot
+of the block chose: per-token results (``∂x``, ``∂w``) are the bits of the identity order, the
+weight gradients equal to fp32 rounding (tokens sum in another order).
+
 Reductions: by default fp32 ``tl.atomic_add`` into zeroed buffers (summation order varies run to
 run: deterministic to fp32 rounding only). ``deterministic=True`` uses no float atomics: a sum
 over ``D'`` tiles (``∂w``, ``da``) is stored as one partial per tile and summed by torch in a
@@ -100,8 +106,9 @@ from ..utils import (
     token_bucket,
     unit_stride_rows,
 )
-from .gate_up import _LORA_IN_GPU, _launch_lora_in, _lora_in_kernel
+from .gate_up import _LORA_IN_GPU, _launch_lora_in, _lora_in_kernel, lora_delta
 from .layout import ExpertLoRA, check_layout, check_routing, padded_rank
+from .token_order import chunk_range, routing_order, slots_use_chunk, tile_tokens
 
 __all__ = ["DETERMINISTIC_TOKEN_GROUPS", "ExpertBackward", "expert_round_backward"]
 
@@ -226,7 +233,7 @@ _GATE_UP_BWD_WIDE_RANK = [c for c in _GATE_UP_BWD_GPU if c.kwargs["BLOCK_M"] <= 
 GATE_UP_BWD_CONFIGS = [_INTERPRET_LORA] if INTERPRET else _GATE_UP_BWD_GPU
 
 
-def _gate_up_prune(configs, named_args, **kwargs):
+def _wide_rank_prune(configs, named_args, **kwargs):
     """``prune_small_m``, then the 16-row tiles only when ``R_PAD > 16`` (where wider ones
     spill)."""
     kept = prune_small_m(configs, named_args, **kwargs)
@@ -243,28 +250,23 @@ def _slot_backward(gate, up, e_j, e_prev, w_j, j, rows, row_ok, cols, col_ok, N,
                    HAS_DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, CH: tl.constexpr):
     """Slot ``j`` of one (token block, ``D'`` tile), shared by 3a and 3b so both derive the same
     values: ``gate_j, up_j`` in place from slot ``j - 1``'s (expert ``e_prev``; the base
-    ``G, U`` for the first slot) with ``(a_j − a_{j−1}) @ B`` as the forward, ``q = A_D[e_j]^T
+    ``G, U`` for the first slot) with :func:`.gate_up.lora_delta` as the forward, ``q = A_D[e_j]^T
     b_{e_j}`` (the down LoRA's share of ``∂L/∂h_j``), the mask, and the SwiGLU backward in fp32.
     Returns ``(gate_j, up_j, h_j, g_j, dgate_j, dup_j, drop_j(h_j))``."""
     DTYPE: tl.constexpr = dhb_ptr.dtype.element_ty
     NR: tl.constexpr = NUM_EXPERTS * R_PAD
     NRU: tl.constexpr = NUM_EXPERTS * RANK
-    moved = (e_prev != e_j)[:, None]
-    for c0 in tl.range(0, NR, CH, num_stages=1):
-        lc = c0 + tl.arange(0, CH)
-        l_exp = (lc // R_PAD)[None, :]
-        new_blk = (l_exp == e_j[:, None]) & moved
-        old_blk = (l_exp == e_prev[:, None]) & moved
-        a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
-        sign = tl.where(old_blk, -1.0, 1.0)  # through fp32: see the forward
-        a_g = (tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-        a_u = (tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-        lc64 = lc.to(tl.int64)
-        gate = mma(a_g, load_tile(bg_ptr, lc64, lc < NR, N, cols, N), gate, INTERP_BF16)
-        up = mma(a_u, load_tile(bu_ptr, lc64, lc < NR, N, cols, N), up, INTERP_BF16)
+    moved = e_prev != e_j
+    gate, up = lora_delta(gate, up, tl.where(moved, e_prev, -1), -1.0, rows, cols, N,
+                          a_gu_ptr, bg_ptr, bu_ptr, NUM_EXPERTS, R_PAD, CH, INTERP_BF16)
+    gate, up = lora_delta(gate, up, tl.where(moved, e_j, -1), 1.0, rows, cols, N,
+                          a_gu_ptr, bg_ptr, bu_ptr, NUM_EXPERTS, R_PAD, CH, INTERP_BF16)
 
+    # The chunk loops here and below visit only the chunks of the tile's experts (the tokens
+    # are in routing order: .token_order); the others would add zeros.
+    start, end = chunk_range(e_j, NUM_EXPERTS, CH, R_PAD)
     q = tl.zeros(gate.shape, dtype=tl.float32)
-    for c0 in tl.range(0, NR, CH, num_stages=1):
+    for c0 in tl.range(start, end, CH, num_stages=1):
         lc = c0 + tl.arange(0, CH)
         b_t = _masked_rank_t(b_ptr, rows, row_ok, NRU, lc, e_j, R_PAD, RANK, True)
         q = mma(tl.trans(cast_rne(b_t, DTYPE, INTERP_BF16)),
@@ -300,7 +302,7 @@ def _slot_expert(idx_ptr, w_ptr, rows, row_ok, j, NUM_EXPERTS: tl.constexpr,
 @triton.jit
 def _gate_up_backward_kernel(
     x_ptr, wg_ptr, wu_ptr, gs_ptr, us_ptr, dhb_ptr, a_gu_ptr, b_ptr,
-    bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
+    bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr, order_ptr,
     dg_ptr, du_ptr, dw_ptr, da_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_gs, stride_us, stride_dhb, stride_dg, stride_du,
@@ -326,8 +328,8 @@ def _gate_up_backward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < N
     cols = offs_n.to(tl.int64)
-    rows = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < M
+    # The block's tokens in routing order (.token_order), as the forward visits them.
+    rows, row_ok = tile_tokens(order_ptr, mb * BLOCK_M + tl.arange(0, BLOCK_M), M)
     ri = tl.arange(0, R_PAD)
     # Deterministic partials: one [M, k] (∂w) / [M, k, 2, R] (da) slice per D' tile.
     if DETERMINISTIC:
@@ -375,7 +377,8 @@ def _gate_up_backward_kernel(
         #    the forward's a_mix).
         da_g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         da_u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for c0 in tl.range(0, NR, CH, num_stages=1):
+        start, end = chunk_range(e_j, NUM_EXPERTS, CH, R_PAD)
+        for c0 in tl.range(start, end, CH, num_stages=1):
             lc = c0 + tl.arange(0, CH)
             lc_ok = lc < NR
             lc64 = lc.to(tl.int64)
@@ -407,7 +410,7 @@ _gate_up_backward_tuned = triton.autotune(
     configs=GATE_UP_BWD_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "RECOMPUTE", "HAS_DROPOUT",
          "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": _gate_up_prune},
+    prune_configs_by={"early_config_prune": _wide_rank_prune},
     # Benchmarking relaunches: the reductions must start from zero each time.
     reset_to_zero=["dw_ptr", "da_ptr"],
 )(_gate_up_backward_kernel)
@@ -423,6 +426,8 @@ def _wgrad_cfg(block_m: int, block_n: int, warps: int, stages: int,
 
 
 _WGRAD_GPU = [_wgrad_cfg(32, 64, 8, 2), _wgrad_cfg(16, 64, 8, 2)]
+# R_PAD > 16: the 32-row tile spills 48 B on sm_80 at r = 64 (compile report).
+_WGRAD_WIDE_RANK = [c for c in _WGRAD_GPU if c.kwargs["BLOCK_M"] <= 16]
 _INTERPRET_WGRAD = _wgrad_cfg(16, 16, 4, 1)
 WGRAD_CONFIGS = [_INTERPRET_WGRAD] if INTERPRET else _WGRAD_GPU
 
@@ -430,7 +435,7 @@ WGRAD_CONFIGS = [_INTERPRET_WGRAD] if INTERPRET else _WGRAD_GPU
 @triton.jit
 def _gate_up_wgrad_kernel(
     gs_ptr, us_ptr, dhb_ptr, a_gu_ptr, b_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
-    dbg_ptr, dbu_ptr, dad_ptr,
+    order_ptr, dbg_ptr, dbu_ptr, dad_ptr,
     M, N,
     stride_gs, stride_us, stride_dhb,
     dropout_scale,
@@ -464,8 +469,7 @@ def _gate_up_wgrad_kernel(
     first = pid_g * blocks_per_group
     last = tl.minimum(first + blocks_per_group, num_m_blocks)
     for mb in range(first, last):
-        rows = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = rows < M
+        rows, row_ok = tile_tokens(order_ptr, mb * BLOCK_M + tl.arange(0, BLOCK_M), M)
         gate = load_tile(gs_ptr, rows, row_ok, stride_gs, cols, N).to(tl.float32)
         up = load_tile(us_ptr, rows, row_ok, stride_us, cols, N).to(tl.float32)
         e_prev = tl.full((BLOCK_M,), -1, dtype=tl.int32)
@@ -479,8 +483,10 @@ def _gate_up_wgrad_kernel(
             dgate_c = cast_rne(dgate, DTYPE, INTERP_BF16)
             dup_c = cast_rne(dup, DTYPE, INTERP_BF16)
             h_c = cast_rne(h_drop, DTYPE, INTERP_BF16)
-            # operand_j^T @ tile for the n·R rows of this chunk, zero outside block e_j.
-            for c0 in tl.range(0, NR, CH, num_stages=1):
+            # operand_j^T @ tile for the n·R rows of this chunk, zero outside block e_j (the
+            # chunks of the block's experts only: the others would add zeros).
+            start, end = chunk_range(e_j, NUM_EXPERTS, CH, R_PAD)
+            for c0 in tl.range(start, end, CH, num_stages=1):
                 lc = c0 + tl.arange(0, CH)
                 lc_ok = lc < NR
                 lc64 = lc.to(tl.int64)
@@ -504,7 +510,7 @@ def _gate_up_wgrad_kernel(
 _gate_up_wgrad_tuned = triton.autotune(
     configs=WGRAD_CONFIGS,
     key=["M_BUCKET", "N", "R_PAD", "NUM_EXPERTS", "TOP_K", "HAS_DROPOUT", "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": prune_small_m},
+    prune_configs_by={"early_config_prune": _wide_rank_prune},
     reset_to_zero=["dbg_ptr", "dbu_ptr", "dad_ptr"],
 )(_gate_up_wgrad_kernel)
 
@@ -513,10 +519,11 @@ _gate_up_wgrad_tuned = triton.autotune(
 # 4. dx = dG W_G + dU W_U + drop_x(LoRA), and ∂A_G, ∂A_U, ∂B_D.
 # ---------------------------------------------------------------------------------------------
 
-# Spill-free on sm_80 and sm_90 (compile report); 64×128 tiles spill on sm_80 and are left out.
+# Spill-free on sm_80 and sm_90 (compile report); 64×128 tiles spill on sm_80 and are left out,
+# and 32×64×64 with 4 warps spills 8 B on sm_90 with triton 3.6 (the gathered rows of the
+# routing order hold 64-bit addresses), so only its 32-wide K step is kept.
 _DX_GPU = [
-    _lora_cfg(64, 64, 64, 8, 3), _lora_cfg(32, 128, 64, 8, 3), _lora_cfg(32, 64, 64, 4, 4),
-    _lora_cfg(32, 64, 32, 4, 4),
+    _lora_cfg(64, 64, 64, 8, 3), _lora_cfg(32, 128, 64, 8, 3), _lora_cfg(32, 64, 32, 4, 4),
 ]
 DX_CONFIGS = [_INTERPRET_LORA] if INTERPRET else _DX_GPU
 
@@ -524,7 +531,7 @@ DX_CONFIGS = [_INTERPRET_LORA] if INTERPRET else _DX_GPU
 @triton.jit
 def _dx_kernel(
     dg_ptr, du_ptr, wg_ptr, wu_ptr, da_ptr, a_in_ptr, x_ptr, dy_ptr, a_mix_ptr, idx_ptr,
-    keys_ptr,
+    keys_ptr, order_ptr,
     dx_ptr, dai_ptr, dbd_ptr,
     M, N, K,
     stride_dg, stride_du, stride_wg, stride_wu, stride_xm, stride_dym, stride_dxm,
@@ -565,8 +572,7 @@ def _dx_kernel(
     first = pid_g * blocks_per_group
     last = tl.minimum(first + blocks_per_group, num_m_blocks)
     for mb in range(first, last):
-        rows = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_ok = rows < M
+        rows, row_ok = tile_tokens(order_ptr, mb * BLOCK_M + tl.arange(0, BLOCK_M), M)
 
         # ---- base: dG W_G + dU W_U over D' (W_* are [D', d]: the K slice is rows) -------------
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -589,27 +595,28 @@ def _dx_kernel(
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for which in tl.static_range(2):
             for c0 in tl.range(0, NR, CH, num_stages=1):
-                lc = c0 + tl.arange(0, CH)
-                lc_ok = lc < NR
-                lc64 = lc.to(tl.int64)
-                l_exp = lc // R_PAD
-                l_rank = lc % R_PAD
-                # The token's da in its experts' blocks: slots sharing an expert add up.
-                op = tl.zeros((BLOCK_M, CH), dtype=tl.float32)
-                for j in tl.static_range(TOP_K):
-                    e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
-                    e_j = tl.where((e_j >= 0) & (e_j < NUM_EXPERTS), e_j, -1).to(tl.int32)
-                    op += tl.load(da_ptr + rows[:, None] * (TOP_K * 2 * R_PAD)
-                                  + (j * 2 + which) * R_PAD + l_rank[None, :],
-                                  mask=row_ok[:, None] & (l_exp[None, :] == e_j[:, None]),
-                                  other=0.0)
-                op = cast_rne(op, DTYPE, INTERP_BF16)
-                lora = mma(op, load_tile(a_in_ptr + which * NR * N, lc64, lc_ok, N, cols, N),
-                           lora, INTERP_BF16)
-                _add_tile(dai_ptr + slab_a + which * NR * N,
-                          mma(tl.trans(op), xd, tl.zeros((CH, BLOCK_N), tl.float32),
-                              INTERP_BF16),
-                          lc64, lc_ok, N, cols, col_ok, DETERMINISTIC)
+                if slots_use_chunk(idx_ptr, rows, row_ok, c0, TOP_K, CH, R_PAD):
+                    lc = c0 + tl.arange(0, CH)
+                    lc_ok = lc < NR
+                    lc64 = lc.to(tl.int64)
+                    l_exp = lc // R_PAD
+                    l_rank = lc % R_PAD
+                    # The token's da in its experts' blocks: slots sharing an expert add up.
+                    op = tl.zeros((BLOCK_M, CH), dtype=tl.float32)
+                    for j in tl.static_range(TOP_K):
+                        e_j = tl.load(idx_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
+                        e_j = tl.where((e_j >= 0) & (e_j < NUM_EXPERTS), e_j, -1).to(tl.int32)
+                        op += tl.load(da_ptr + rows[:, None] * (TOP_K * 2 * R_PAD)
+                                      + (j * 2 + which) * R_PAD + l_rank[None, :],
+                                      mask=row_ok[:, None] & (l_exp[None, :] == e_j[:, None]),
+                                      other=0.0)
+                    op = cast_rne(op, DTYPE, INTERP_BF16)
+                    lora = mma(op, load_tile(a_in_ptr + which * NR * N, lc64, lc_ok, N, cols, N),
+                               lora, INTERP_BF16)
+                    _add_tile(dai_ptr + slab_a + which * NR * N,
+                              mma(tl.trans(op), xd, tl.zeros((CH, BLOCK_N), tl.float32),
+                                  INTERP_BF16),
+                              lc64, lc_ok, N, cols, col_ok, DETERMINISTIC)
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * dropout_scale, 0.0)
         acc += lora
@@ -619,14 +626,16 @@ def _dx_kernel(
         # ---- ∂B_D = c · a_mix^T dy over this token block (a_mix [M, n·r], unpadded) -----------
         dyc = load_tile(dy_ptr, rows, row_ok, stride_dym, cols, N)
         for c0 in tl.range(0, NRU, CH, num_stages=1):
-            lc = c0 + tl.arange(0, CH)
-            lc_ok = lc < NRU
-            am = tl.load(a_mix_ptr + rows[None, :] * NRU + lc[:, None],
-                         mask=lc_ok[:, None] & row_ok[None, :], other=0.0)
-            am = cast_rne(am * scaling, DTYPE, INTERP_BF16)
-            _add_tile(dbd_ptr + slab_b, mma(am, dyc, tl.zeros((CH, BLOCK_N), tl.float32),
-                                            INTERP_BF16),
-                      lc.to(tl.int64), lc_ok, N, cols, col_ok, DETERMINISTIC)
+            # a_mix is zero outside the token's experts' blocks (of RANK columns, unpadded).
+            if slots_use_chunk(idx_ptr, rows, row_ok, c0, TOP_K, CH, RANK):
+                lc = c0 + tl.arange(0, CH)
+                lc_ok = lc < NRU
+                am = tl.load(a_mix_ptr + rows[None, :] * NRU + lc[:, None],
+                             mask=lc_ok[:, None] & row_ok[None, :], other=0.0)
+                am = cast_rne(am * scaling, DTYPE, INTERP_BF16)
+                _add_tile(dbd_ptr + slab_b, mma(am, dyc, tl.zeros((CH, BLOCK_N), tl.float32),
+                                                INTERP_BF16),
+                          lc.to(tl.int64), lc_ok, N, cols, col_ok, DETERMINISTIC)
 
 
 _dx_tuned = triton.autotune(
@@ -672,7 +681,7 @@ def _fixed_config(tuned, config: triton.Config | None, bucket: int,
     per D' tile, slabs per token group), so deterministic mode does not autotune."""
     if config is not None:
         return config
-    return _gate_up_prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
+    return _wide_rank_prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
 
 
 def _launch_reducing(tuned, kernel, num_tokens: int, num_cols: int, args: tuple, meta: dict,
@@ -726,6 +735,7 @@ def expert_round_backward(
     dropout_seed: int = 0,
     round_index: int = 0,
     deterministic: bool = False,
+    sort_tokens: bool = True,
     configs: dict[str, triton.Config] | None = None,
 ) -> ExpertBackward:
     """Backward of one round of the LoRA experts (everything but the router's softmax/top-k):
@@ -753,6 +763,10 @@ def expert_round_backward(
         dropout_p, dropout_seed, round_index: the forward's LoRA dropout (``0 ≤ p < 1``).
         deterministic: no float atomics: bit-identical results run to run (see the module
             docstring for the memory it costs).
+        sort_tokens: visit the tokens in routing order (:mod:`.token_order`, as the forward),
+            so that each token block multiplies and reduces only the LoRA blocks of the experts
+            its rows chose; ``False`` visits them in order (for comparisons: the same bits of
+            every per-token gradient, the weight gradients summed in another order).
         configs: pins launch block shapes instead of autotuning (tests): ``"lora_in"`` and
             ``"b_down"`` (``BLOCK_M/N/K``, ``GROUP_M``), ``"dh_base"`` (same keys),
             ``"gate_up"`` and ``"dx"`` (``BLOCK_M/N/K`` and ``LORA_CHUNK``, a power of two
@@ -821,6 +835,7 @@ def expert_round_backward(
     index = expert_index.contiguous()
     a_mix = a_mix.contiguous()
     bucket = token_bucket(num_tokens)
+    order = routing_order(index, sort_tokens)
 
     # 1. rank-r inputs: a_gu (as the forward computes it) and b = c · dy B_D^T.
     a_gu = new_output((num_tokens, 2 * n * r_pad), dt, x.device)
@@ -856,7 +871,7 @@ def expert_round_backward(
         tile_grid(num_tokens, inter, "BLOCK_N"),
         (
             x, gate_weight, up_weight, g_saved, u_saved, dh_base, a_gu, b,
-            lora.b_gate, lora.b_up, lora.a_down, weights, index, keys,
+            lora.b_gate, lora.b_up, lora.a_down, weights, index, keys, order,
             grad_gate, grad_up, dw, da,
             num_tokens, inter, hidden,
             x.stride(0), gate_weight.stride(0), up_weight.stride(0), g_saved.stride(0),
@@ -875,14 +890,14 @@ def expert_round_backward(
     wg_cfg = configs.get("gate_up_wgrad")
     slabs = ()
     if deterministic:
-        wg_cfg = _fixed_config(_gate_up_wgrad_tuned, wg_cfg, bucket)
+        wg_cfg = _fixed_config(_gate_up_wgrad_tuned, wg_cfg, bucket, R_PAD=r_pad)
         slabs = (_token_groups(num_tokens, wg_cfg.kwargs["BLOCK_M"], True)[0],)
     dbg, dbu, dad = (zeros(*slabs, n * r_pad, inter) for _ in range(3))
     _launch_reducing(
         _gate_up_wgrad_tuned, _gate_up_wgrad_kernel, num_tokens, inter,
         (
             g_saved, u_saved, dh_base, a_gu, b, lora.b_gate, lora.b_up, lora.a_down, weights,
-            index, keys, dbg, dbu, dad,
+            index, keys, order, dbg, dbu, dad,
             num_tokens, inter, g_saved.stride(0), u_saved.stride(0), dh_base.stride(0),
             float(dropout_scale),
         ),
@@ -907,7 +922,7 @@ def expert_round_backward(
         _dx_tuned, _dx_kernel, num_tokens, hidden,
         (
             grad_gate, grad_up, gate_weight, up_weight, da, lora.a_in, x, grad_y, a_mix, index,
-            keys, dx, dai, dbd,
+            keys, order, dx, dai, dbd,
             num_tokens, hidden, inter,
             grad_gate.stride(0), grad_up.stride(0), gate_weight.stride(0), up_weight.stride(0),
             x.stride(0), grad_y.stride(0), dx.stride(0),
@@ -1004,13 +1019,14 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
             name=f"expert.backward.gate_up{suffix}",
             fn=_gate_up_backward_kernel,
             types={**dict.fromkeys(gu_ptrs, ptr), **dict.fromkeys(gu_f32, "*fp32"),
-                   "idx_ptr": "*i64", "keys_ptr": "*i64",
+                   "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
                    **dict.fromkeys(("M", "N", "K", *gu_strides, "M_BUCKET"), _I32),
                    "scaling": "fp32", "dropout_scale": "fp32"},
             constexprs=_lora_constexprs(n, rank, RECOMPUTE=True, HAS_DROPOUT=True,
                                         DETERMINISTIC=False),
             configs=_GATE_UP_BWD_GPU if rank <= 16 else _GATE_UP_BWD_WIDE_RANK,
-            aligned=(*gu_ptrs, *gu_f32, "idx_ptr", "keys_ptr", "M", "N", "K", *gu_strides,
+            aligned=(*gu_ptrs, *gu_f32, "idx_ptr", "keys_ptr", "order_ptr", "M", "N", "K",
+                     *gu_strides,
                      "M_BUCKET"),
             note=f"recomputed dual gate/up GEMM (G, U to the workspace) + per-slot LoRA + "
                  f"SwiGLU backward + ∂w, da atomics (dropout on; {shape})",
@@ -1019,11 +1035,12 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
             name=f"expert.backward.gate_up_wgrad{suffix}",
             fn=_gate_up_wgrad_kernel,
             types={**dict.fromkeys(wg_ptrs, ptr), **dict.fromkeys(wg_f32, "*fp32"),
-                   "idx_ptr": "*i64", "keys_ptr": "*i64", **dict.fromkeys(wg_ints, _I32),
+                   "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
+                   **dict.fromkeys(wg_ints, _I32),
                    "dropout_scale": "fp32"},
             constexprs=_lora_constexprs(n, rank, HAS_DROPOUT=True, DETERMINISTIC=False),
-            configs=_WGRAD_GPU,
-            aligned=(*wg_ptrs, *wg_f32, "idx_ptr", "keys_ptr", "M", "N", "stride_gs",
+            configs=_WGRAD_GPU if rank <= 16 else _WGRAD_WIDE_RANK,
+            aligned=(*wg_ptrs, *wg_f32, "idx_ptr", "keys_ptr", "order_ptr", "M", "N", "stride_gs",
                      "stride_us", "stride_dhb", "M_BUCKET"),
             note=f"per-slot SwiGLU backward re-derived from G, U + ∂B_G/∂B_U/∂A_D atomics "
                  f"(dropout on; {shape})",
@@ -1032,11 +1049,13 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
             name=f"expert.backward.dx{suffix}",
             fn=_dx_kernel,
             types={**dict.fromkeys(dx_ptrs, ptr), **dict.fromkeys(dx_f32, "*fp32"),
-                   "idx_ptr": "*i64", "keys_ptr": "*i64", **dict.fromkeys(dx_ints, _I32),
+                   "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
+                   **dict.fromkeys(dx_ints, _I32),
                    "scaling": "fp32", "dropout_scale": "fp32"},
             constexprs=_lora_constexprs(n, rank, HAS_DROPOUT=True, DETERMINISTIC=False),
             configs=_DX_GPU,
-            aligned=(*dx_ptrs, *dx_f32, "idx_ptr", "keys_ptr", *dx_ints[:-3], "M_BUCKET"),
+            aligned=(*dx_ptrs, *dx_f32, "idx_ptr", "keys_ptr", "order_ptr", *dx_ints[:-3],
+                     "M_BUCKET"),
             note=f"dG W_G + dU W_U + masked-dense LoRA K-steps + ∂A_G/∂A_U/∂B_D atomics "
                  f"({shape})",
         ),

@@ -26,16 +26,20 @@ Two launches (three with ``deterministic=True``):
    as a *masked dense* product ``a_masked [BLOCK_M, n·R] @ B_cat^T [n·R, BLOCK_N]``: ``a_masked``
    is ``a_gu`` loaded with a mask that keeps only block ``e_j`` of each row (``R`` contiguous
    values; the rest reads as zero). Every token may pick a different expert; this keeps the
-   per-token choice on tensor cores without sorting tokens by expert. Slot ``j`` updates slot
-   ``j-1``'s gate and up in place with ``(a_j - a_{j-1})`` (linearity), so the base accumulators
-   are never copied. The down LoRA's input uses the same trick on the output side:
+   per-token choice on tensor cores with the ``k`` slots sharing one pair of base products. The
+   tile's rows are tokens in routing order (:mod:`.token_order`), so the product runs only over
+   the chunks between the lowest and the highest expert the tile's slot chose: about one
+   expert's block for the first slot, two for the second (instead of ``n``). Slot ``j`` turns
+   slot ``j-1``'s gate and up into its own in place, taking ``j-1``'s delta out and its own in
+   (linearity), so the base accumulators are never copied. The down LoRA's input uses the same
+   trick on the output side:
    ``dropout(h_j) [BLOCK_M, BLOCK_N] @ A_D_cat^T [BLOCK_N, n·R]``, of which block ``e_j`` is kept
    (a ``[BLOCK_M, R]`` tile), weighted by ``w_j`` and added with one ``tl.atomic_add`` into the
    zeroed fp32 ``a_mix``. A program holds only its ``BLOCK_N`` slice of ``D'``, so the
    ``D'/BLOCK_N`` partial products must meet somewhere: the atomics add ``k·r`` floats per token
    per tile in L2, where per-tile partials would need ``D'/BLOCK_N`` times the memory plus a
    reduction pass. The fp32 summation order then varies between runs: ``a_mix`` is deterministic
-   only to fp32 rounding. Both masked-dense products walk the ``n·R`` columns in chunks of whole
+   only to fp32 rounding. Both masked-dense products walk their columns in chunks of whole
    expert blocks (``LORA_CHUNK`` columns, or ``R`` if larger), so the epilogue's register
    footprint does not grow with ``n·r``.
 3. ``deterministic=True`` only: the gate/up kernel stores each tile's ``[BLOCK_M, r]`` slot
@@ -49,8 +53,9 @@ in registers where they apply: stream 0 on the ``x`` tiles as ``_lora_in_kernel`
 stream ``1 + j`` on slot ``j``'s ``h_j`` in the epilogue. No mask tensor and no ``dropout(x)``
 exist in memory (at LLaMA-3-8B shapes the ``[M, k, D']`` mask was ~0.23 GB read per round).
 
-The masked dense products cost ``n·r`` instead of ``r`` MACs per slot and output element: cheap
-while ``n·r`` is small (9 % of the base gate/up work at n·r = 128, k = 2, d = 4096). Past
+Unsorted, the masked dense products would cost ``n·r`` instead of ``r`` MACs per slot and output
+element; in routing order, about ``1.1·r`` for the first slot and ``1.8·r`` for the second at
+n = 8, k = 2 with uniform routing (``python -m bench.roofline``). Past
 ``MAX_MASKED_DENSE_COLS`` the public functions raise ``ValueError``; a grouped (token-sorted) path,
 such as the torch backend, wins there.
 
@@ -97,6 +102,7 @@ from ..utils import (
     unit_stride_rows,
 )
 from .layout import ExpertLoRA, check_layout, check_routing, padded_rank
+from .token_order import chunk_range, routing_order, tile_tokens
 
 __all__ = ["GateUpOutput", "expert_gate_up", "expert_lora_in"]
 
@@ -186,8 +192,9 @@ _GATE_UP_GPU = [
     cfg(64, 32, 32, 4, 4, LORA_CHUNK=16),
 ]
 # Storing the base products too (SAVE_BASE) keeps two more tiles live across the K-loop's end:
-# the 64×128×64 3-stage config then spills 16 B on sm_80 (compile report), so it is left out.
-_GATE_UP_SAVE_BASE_GPU = _GATE_UP_GPU[1:]
+# the 64×128×64 and 64×64×64 3-stage configs then spill 16-56 B on sm_80 (compile report), so
+# they are left out.
+_GATE_UP_SAVE_BASE_GPU = [_GATE_UP_GPU[i] for i in (1, 2, 4, 5, 6)]
 
 
 def _gate_up_prune(configs, named_args, **kwargs):
@@ -203,9 +210,35 @@ GATE_UP_CONFIGS = (
 
 
 @triton.jit
+def lora_delta(gate, up, experts, sign, rows, cols, N, a_gu_ptr, bg_ptr, bu_ptr,
+               NUM_EXPERTS: tl.constexpr, R_PAD: tl.constexpr, CH: tl.constexpr,
+               INTERP_BF16: tl.constexpr):
+    """``gate += sign · a_g B_G`` and ``up += sign · a_u B_U`` for each row's expert in
+    ``experts`` (``-1``: none) as masked-dense products: of the token's ``a_gu`` row only block
+    ``e`` is read (``R`` contiguous values), over the chunks that hold the tile's experts
+    (:func:`.token_order.chunk_range`). Shared by the forward and the backward kernels, so both
+    derive the same ``gate_j, up_j``."""
+    DTYPE: tl.constexpr = bg_ptr.dtype.element_ty
+    NR: tl.constexpr = NUM_EXPERTS * R_PAD
+    start, end = chunk_range(experts, NUM_EXPERTS, CH, R_PAD)
+    for c0 in tl.range(start, end, CH, num_stages=1):
+        lc = c0 + tl.arange(0, CH)
+        blk = (lc // R_PAD)[None, :] == experts[:, None]
+        a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
+        # The sign goes on in fp32 (exact): the interpreter holds bf16 as integers, which a
+        # direct negation would corrupt.
+        a_g = (tl.load(a_ptrs, mask=blk, other=0.0).to(tl.float32) * sign).to(DTYPE)
+        a_u = (tl.load(a_ptrs + NR, mask=blk, other=0.0).to(tl.float32) * sign).to(DTYPE)
+        lc64 = lc.to(tl.int64)
+        gate = mma(a_g, load_tile(bg_ptr, lc64, lc < NR, N, cols, N), gate, INTERP_BF16)
+        up = mma(a_u, load_tile(bu_ptr, lc64, lc < NR, N, cols, N), up, INTERP_BF16)
+    return gate, up
+
+
+@triton.jit
 def _expert_gate_up_kernel(
     x_ptr, wg_ptr, wu_ptr, a_gu_ptr, bg_ptr, bu_ptr, ad_ptr, w_ptr, idx_ptr, keys_ptr,
-    hmix_ptr, a_mix_ptr, ws_ptr, g_ptr, u_ptr,
+    order_ptr, hmix_ptr, a_mix_ptr, ws_ptr, g_ptr, u_ptr,
     M, N, K,
     stride_xm, stride_wg, stride_wu, stride_hm,
     dropout_scale,
@@ -227,7 +260,9 @@ def _expert_gate_up_kernel(
     # columns join them in 64-bit address arithmetic. pid_n indexes the deterministic path's
     # per-tile partials.
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows, mask_m, offs_n, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    positions, _, offs_n, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    # The tile's tokens in routing order (.token_order): few experts per slot and tile.
+    rows, mask_m = tile_tokens(order_ptr, positions, M)
     cols = offs_n.to(tl.int64)
 
     # ---- base products: each x tile loaded once for both W_G and W_U -------------------------
@@ -243,10 +278,10 @@ def _expert_gate_up_kernel(
 
     # ---- per slot: LoRA delta, SwiGLU, mix, and the down LoRA's input -----------------------
     # Masked-dense column c is row c of the [n·R, ·] LoRA matrices: expert c // R_PAD. The delta
-    # is linear in the masked operand, so slot j turns slot j-1's gate into its own in place by
-    # adding (a_j - a_{j-1}) @ B: the two blocks belong to different experts, so that operand is
-    # exact (and zero when a slot repeats the previous expert), and the base accumulators need no
-    # second copy: two fewer live fp32 tiles.
+    # is linear in the masked operand, so slot j turns slot j-1's gate into its own in place
+    # (lora_delta: j-1's out, j's in): the base accumulators need no second copy, two fewer live
+    # fp32 tiles. Two loops rather than one over (a_j − a_{j−1}): each spans only its own
+    # slot's experts, one or two neighbours in a sorted tile.
     gate = acc_g
     up = acc_u
     hmix = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -258,23 +293,13 @@ def _expert_gate_up_kernel(
         # which matches no block.
         e_j = tl.where((e_j >= 0) & (e_j < NUM_EXPERTS), e_j, -1).to(tl.int32)
         w_j = tl.load(w_ptr + rows * TOP_K + j, mask=mask_m, other=0.0)
-        moved = (e_prev != e_j)[:, None]
-        for c0 in tl.range(0, NR, CH, num_stages=1):
-            lc = c0 + tl.arange(0, CH)
-            l_exp = (lc // R_PAD)[None, :]
-            # Only block e_j (and e_{j-1}, negated) of the token's a_gu row is read: R contiguous
-            # values each; the other experts' columns read as zero.
-            new_blk = (l_exp == e_j[:, None]) & moved
-            old_blk = (l_exp == e_prev[:, None]) & moved
-            a_ptrs = a_gu_ptr + rows[:, None] * (2 * NR) + lc[None, :]
-            # The sign flip goes through fp32 (exact both ways): the interpreter holds bf16 as
-            # integers, which a direct negation would corrupt.
-            sign = tl.where(old_blk, -1.0, 1.0)
-            a_g = (tl.load(a_ptrs, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-            a_u = (tl.load(a_ptrs + NR, mask=new_blk | old_blk, other=0.0) * sign).to(DTYPE)
-            lc64 = lc.to(tl.int64)
-            gate = mma(a_g, load_tile(bg_ptr, lc64, lc < NR, N, cols, N), gate, INTERP_BF16)
-            up = mma(a_u, load_tile(bu_ptr, lc64, lc < NR, N, cols, N), up, INTERP_BF16)
+        # Slot j-1's LoRA delta out, slot j's in (linearity), over the chunks that hold the
+        # tile's experts of each: zero terms when a slot repeats the previous expert.
+        moved = e_prev != e_j
+        gate, up = lora_delta(gate, up, tl.where(moved, e_prev, -1), -1.0, rows, cols, N,
+                              a_gu_ptr, bg_ptr, bu_ptr, NUM_EXPERTS, R_PAD, CH, INTERP_BF16)
+        gate, up = lora_delta(gate, up, tl.where(moved, e_j, -1), 1.0, rows, cols, N,
+                              a_gu_ptr, bg_ptr, bu_ptr, NUM_EXPERTS, R_PAD, CH, INTERP_BF16)
         e_prev = e_j
         h = gate * tl.sigmoid(gate) * up
         hmix += w_j[:, None] * h
@@ -289,7 +314,8 @@ def _expert_gate_up_kernel(
         # D' slices: an atomic per masked-dense column would cost n times the instructions and
         # addresses (sm_80 has no vector fp32 atomics).
         a_j = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for c0 in tl.range(0, NR, CH, num_stages=1):
+        start, end = chunk_range(e_j, NUM_EXPERTS, CH, R_PAD)
+        for c0 in tl.range(start, end, CH, num_stages=1):
             lc = c0 + tl.arange(0, CH)
             ad = load_tile_t(ad_ptr, lc.to(tl.int64), lc < NR, N, cols, N)  # [BLOCK_N, CH]
             part = mma(h, ad, tl.zeros((BLOCK_M, CH), dtype=tl.float32), INTERP_BF16)
@@ -411,7 +437,7 @@ def _launch_lora_in(x_lora: torch.Tensor, a_in: torch.Tensor, out: torch.Tensor,
 
 
 def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, index, keys,
-                    h_mix, a_mix, workspace, dropout_scale,
+                    order, h_mix, a_mix, workspace, dropout_scale,
                     config: triton.Config | None = None,
                     base: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
     """Launches the fused kernel; returns the ``BLOCK_N`` it ran with (the deterministic
@@ -433,7 +459,7 @@ def _launch_gate_up(x, gate_weight, up_weight, a_gu, lora: ExpertLoRA, weights, 
         (
             x, gate_weight, up_weight, a_gu, lora.b_gate, lora.b_up, lora.a_down, weights, index,
             keys if keys is not None else a_mix,  # never read without dropout
-            h_mix, a_mix,
+            order, h_mix, a_mix,
             workspace if workspace is not None else a_mix,  # written only when deterministic
             *(base if base is not None else (h_mix, h_mix)),  # written only with SAVE_BASE
             num_tokens, inter, hidden,
@@ -554,6 +580,7 @@ def expert_gate_up(
     dropout_seed: int = 0,
     round_index: int = 0,
     deterministic: bool = False,
+    sort_tokens: bool = True,
     out: torch.Tensor | None = None,
     a_mix_out: torch.Tensor | None = None,
     base_out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -597,6 +624,9 @@ def expert_gate_up(
             config per process; pin ``configs`` for bit-identity across processes). Costs the
             workspace (``cdiv(D', min BLOCK_N)·M·k·r`` floats, freed on return) and its
             traffic.
+        sort_tokens: visit the tokens in routing order (:mod:`.token_order`), so that each
+            tile multiplies only the LoRA blocks of the experts its rows chose; ``False``
+            visits them in order (the same bits of every output: for comparisons).
         out: optional ``[M, D']`` buffer (``x``'s dtype, unit column stride) for ``h_mix``.
         a_mix_out: optional contiguous ``[M, n·r]`` fp32 buffer for ``a_mix`` (every element
             is written).
@@ -624,8 +654,9 @@ def expert_gate_up(
     check_like("up_weight", up_weight, (inter, hidden), x, dt)
     check_layout(lora, x, hidden, inter)
     top_k = check_routing(expert_weights, expert_index, x, lora.num_experts)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    for name, flag in (("deterministic", deterministic), ("sort_tokens", sort_tokens)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     keys = dropout_keys(dropout_p, dropout_seed, round_index, top_k, x.device)
     dropout_scale = _dropout_scale(keys, dropout_p)
 
@@ -657,7 +688,8 @@ def expert_gate_up(
     block_n = _launch_gate_up(
         unit_stride_rows(x), unit_stride_rows(gate_weight), unit_stride_rows(up_weight), a_gu,
         lora, expert_weights.to(torch.float32).contiguous(), index, keys,
-        out, a_mix, workspace, dropout_scale, configs.get("gate_up"),
+        routing_order(index, sort_tokens), out, a_mix, workspace, dropout_scale,
+        configs.get("gate_up"),
         None if base_out is None else tuple(base_out),
     )
     if workspace is not None:
@@ -681,15 +713,15 @@ _LORA_IN_ALIGNED = ("x_ptr", "a_ptr", "out_ptr", "keys_ptr", "M", "N", "K", "str
 _GATE_UP_TYPES = {
     "x_ptr": "*bf16", "wg_ptr": "*bf16", "wu_ptr": "*bf16", "a_gu_ptr": "*bf16",
     "bg_ptr": "*bf16", "bu_ptr": "*bf16", "ad_ptr": "*bf16", "w_ptr": "*fp32", "idx_ptr": "*i64",
-    "keys_ptr": "*i64", "hmix_ptr": "*bf16", "a_mix_ptr": "*fp32", "ws_ptr": "*fp32",
-    "g_ptr": "*bf16", "u_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-    "stride_wg": "i32", "stride_wu": "i32", "stride_hm": "i32", "dropout_scale": "fp32",
-    "M_BUCKET": "i32",
+    "keys_ptr": "*i64", "order_ptr": "*i32", "hmix_ptr": "*bf16", "a_mix_ptr": "*fp32",
+    "ws_ptr": "*fp32", "g_ptr": "*bf16", "u_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+    "stride_xm": "i32", "stride_wg": "i32", "stride_wu": "i32", "stride_hm": "i32",
+    "dropout_scale": "fp32", "M_BUCKET": "i32",
 }
 _GATE_UP_ALIGNED = ("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr", "ad_ptr",
-                    "w_ptr", "idx_ptr", "keys_ptr", "hmix_ptr", "a_mix_ptr", "ws_ptr", "g_ptr",
-                    "u_ptr", "M", "N", "K", "stride_xm", "stride_wg", "stride_wu", "stride_hm",
-                    "M_BUCKET")
+                    "w_ptr", "idx_ptr", "keys_ptr", "order_ptr", "hmix_ptr", "a_mix_ptr",
+                    "ws_ptr", "g_ptr", "u_ptr", "M", "N", "K", "stride_xm", "stride_wg",
+                    "stride_wu", "stride_hm", "M_BUCKET")
 _GATE_UP_SHAPE = {"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
                   "TOP_K": _TOP_K, "INTERP_BF16": False}
 COMPILE_SPECS = [
