@@ -32,6 +32,7 @@ from graphmoe_fused.kernels.expert import (
     padded_rank,
 )
 from graphmoe_fused.kernels.expert import gate_up as gate_up_module
+from graphmoe_fused.kernels.expert.token_order import ONE_TILE_TOKENS, routing_order
 from graphmoe_fused.kernels.utils import new_output
 
 from graphmoe_fused.backends.dropout import apply_dropout, lora_dropout_masks
@@ -458,6 +459,23 @@ def test_strided_input_and_output_buffers():
 # Tokens in routing order (kernels/expert/token_order.py): the tiles visit the tokens sorted by
 # their experts and skip the LoRA chunks no row of the tile chose.
 # ---------------------------------------------------------------------------------------------
+
+
+def test_routing_order_sorts_by_slot_0_then_slot_1_stably():
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(-1, 5, (200, 2), generator=g)  # -1: a row with no LoRA
+    order = routing_order(index)
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(200))
+    visited = [tuple(index[m].tolist()) + (m,) for m in order.tolist()]
+    assert visited == sorted(visited)  # (e0, e1), ties in token order
+    k1 = index[:, :1]
+    assert [int(k1[m]) for m in routing_order(k1).tolist()] == sorted(k1[:, 0].tolist())
+    identity = list(range(200))
+    assert routing_order(index, sort=False).tolist() == identity
+    # One tile holds them all: their order cannot change its experts.
+    few = index[:ONE_TILE_TOKENS].flip(0)
+    assert routing_order(few).tolist() == identity[:ONE_TILE_TOKENS]
+    assert routing_order(index[:ONE_TILE_TOKENS + 1]).tolist() != identity[:ONE_TILE_TOKENS + 1]
 
 
 @pytest.mark.parametrize(

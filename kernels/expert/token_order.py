@@ -31,16 +31,22 @@ import triton.language as tl
 __all__ = ["chunk_in_use", "chunk_range", "routing_order", "slots_use_chunk", "tile_tokens"]
 
 
+# The fewest rows of any expert kernel's tile (tl.dot needs 16): up to this many tokens share
+# one tile, whose experts their order cannot change (decoding: no sort to launch).
+ONE_TILE_TOKENS = 16
+
+
 def routing_order(expert_index: torch.Tensor, sort: bool = True) -> torch.Tensor:
     """The order the expert kernels visit the tokens of ``expert_index [M, k]`` in: ``[M]`` int32
     token ids sorted by (slot 0's expert, slot 1's), stable (a deterministic function of the
-    routing: the backward recomputes the forward's); the identity when ``sort`` is false.
+    routing: the backward recomputes the forward's); the identity when ``sort`` is false or all
+    the tokens fit one tile.
 
     Ids outside ``[0, n)`` (no LoRA) sort wherever their value puts them; they only cost a tile
     the chunk that value would fall in, or none.
     """
     num_tokens = expert_index.shape[0]
-    if not sort or num_tokens < 2:
+    if not sort or num_tokens <= ONE_TILE_TOKENS:
         return torch.arange(num_tokens, dtype=torch.int32, device=expert_index.device)
     key = expert_index[:, 0].to(torch.int64)
     if expert_index.shape[1] > 1:
