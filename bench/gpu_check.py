@@ -11,7 +11,8 @@ hanging step (or a CUDA error that poisons its process) does not eat the others:
    reference in fp32, recompute both ways, dropout on and off, outputs poisoned with NaN;
    determinism; a tiny HF model's training step on the triton backend;
 3. ``benchmarks``: ``llama3-8b``, bf16, T = 3, 8192 tokens: dense, reference, MixLoRA-style,
-   torch, triton, interleaved; each round kernel; T = 1..5; GRU share; memory;
+   torch, triton, interleaved; each round kernel; every kernel of a profiled training step
+   against its roofline floor; T = 1..5; GRU share; memory;
 4. ``compile``: the compile report for the device's architecture; compute-sanitizer and ncu on
    one small round where they are on PATH.
 
@@ -267,6 +268,7 @@ def markdown(results: dict[str, Any]) -> str:
             [(*(_fmt(v, " ms") for v in kernels["median_ms"].values()),
               _fmt(kernels["round_ms"], " ms"), _fmt(100 * kernels["gru_share"], " %"),
               _fmt(kernels.get("routing_order_speedup"), "×"))]) + [""]
+    lines += profile_lines(bench.get("kernel_profile", {}), results["dry_run"])
     sweep = {k: v for k, v in bench.get("rounds_T1_to_T5", {}).items() if k.startswith("T=")}
     if sweep:
         lines += ["## triton inference latency, T = 1..5", ""] + _table(
@@ -291,6 +293,26 @@ def markdown(results: dict[str, Any]) -> str:
                 lines += [f"- `{c}` {v['status']}: {detail}"]
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(prof: dict[str, Any], dry_run: bool) -> list[str]:
+    """The profiled training step: each kernel group's device time against its roofline floor."""
+    if "groups" not in prof:
+        return []
+    def short(name: str) -> str:  # "_dx_kernel + ..." → "dx + ..."
+        return re.sub(r"\b_(\w+?)_kernel\b", r"\1", name)
+
+    rows = [(short(g["name"]), "; ".join(g["rows"]), g["calls"], _fmt(1e3 * g["measured_s"], " ms"),
+             _fmt(1e3 * g["floor_s"], " ms"), _fmt(g["ratio"], "×")) for g in prof["groups"]]
+    return [f"## One training step's device kernels against the roofline ({prof['gpu_spec']} "
+            "floors)", "",
+            f"triton fwd+bwd, `torch.profiler` (CUDA activity), per step: kernels "
+            f"{_fmt(prof['kernel_ms'], ' ms')} of a {_fmt(prof['step_ms'], ' ms')} step "
+            f"(unprofiled; the rest is launch gaps and host work), floor "
+            f"{_fmt(prof['floor_ms'], ' ms')} (`bench/roofline.py`, data-sheet peaks)."
+            + (" Dry run: no device kernels, the floors of the tiny shape." if dry_run else ""),
+            ""] + _table(("kernels", "roofline rows", "calls", "device time", "floor",
+                          "× floor"), rows) + [""]
 
 
 def correctness_lines(checks: dict[str, Any]) -> list[str]:

@@ -473,6 +473,54 @@ def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any
             "routing_order_speedup": paired_ratio(times, "gate_up_unsorted", "gate_up")}
 
 
+def device_kernels(events: Any, steps: int) -> dict[str, tuple[float, float]]:
+    """``kernel name → (calls, seconds)`` per step from a profiler's events over ``steps``
+    steps: the device (CUDA) ones only, each its own duration."""
+    found: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            found.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e6)
+    return {name: (len(t) / steps, sum(t) / steps) for name, t in found.items()}
+
+
+def kernel_profile(ctx: BenchContext, warmup: int) -> dict[str, Any]:
+    """Every device kernel of one triton fwd+bwd step (``torch.profiler``, CUDA activity), and
+    the kernels grouped by the roofline rows that name them against those rows' floor on this
+    GPU (``bench.roofline.compare_kernels``): which kernel is how far from its floor. A CPU
+    has no device kernels; the groups then show the H100's floors without measurements."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.roofline import compare_kernels, gpu_spec, graphmoe_round, step_floor
+
+    cuda = ctx.device.type == "cuda"
+    layer = _module(ctx, "triton")
+    x, grad = harness.layer_input(ctx, requires_grad=True)
+    step = harness.module_step(ctx, layer, x, grad, "fwd_bwd")
+    for _ in range(max(warmup, 1)):
+        harness.timed_call(step)
+    step_ms = 1e3 * statistics.median(harness.timed_call(step) for _ in range(3))
+    profiled = 2
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=activities) as prof:
+        for _ in range(profiled):
+            harness.timed_call(step)
+    measured = device_kernels(prof.events(), profiled)
+    spec = gpu_spec(torch.cuda.get_device_name(ctx.device)) if cuda else "H100"
+    result: dict[str, Any] = {
+        "step_ms": step_ms, "gpu_spec": spec,
+        "kernels": {n: {"calls": c, "ms": 1e3 * t} for n, (c, t) in
+                    sorted(measured.items(), key=lambda kv: -kv[1][1])},
+        "kernel_ms": 1e3 * sum(t for _, t in measured.values()),
+    }
+    if spec is not None:
+        rows = graphmoe_round(ctx.shape, ctx.recompute_intermediates)
+        t = ctx.shape.num_rounds
+        result["floor_ms"] = 1e3 * step_floor(rows, spec, t)
+        result["groups"] = [{**dataclasses.asdict(g), "ratio": g.ratio}
+                            for g in compare_kernels(rows, spec, t, measured)]
+    return result
+
+
 def memory(ctx: BenchContext) -> dict[str, Any]:
     """Saved-for-backward bytes per token and CUDA peak of one fwd+bwd, per implementation."""
     result = {}
@@ -509,6 +557,7 @@ def step_benchmarks(sc: StepContext) -> None:
                                     "timing": "interleaved, synchronize + perf_counter"})
     sc.rec.check("layer", lambda: layer_timings(ctx, rounds, warmup))
     sc.rec.check("kernels", lambda: kernel_timings(ctx, rounds, warmup))
+    sc.rec.check("kernel_profile", lambda: kernel_profile(ctx, warmup))
     sc.rec.check("rounds_T1_to_T5", lambda: round_timings(ctx, rounds, warmup))
     sc.rec.check("memory", lambda: memory(ctx))
 

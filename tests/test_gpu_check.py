@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,30 @@ def test_dry_run_passes_every_step(tmp_path):
         layer["fwd_bwd"]["triton"])
     assert "## Headline" in report
     assert "| `triton` |" in report and "| `mixlora` |" in report
+    # No device kernels on a CPU: the profile's groups carry the floors of the tiny shape.
+    prof = results["steps"]["benchmarks"]["checks"]["kernel_profile"]
+    assert prof["kernel_ms"] == 0 and prof["floor_ms"] > 0
+    assert {g["name"] for g in prof["groups"]} >= {"_dx_kernel", "_gate_up_wgrad_kernel"}
+    assert "## One training step's device kernels against the roofline" in report
+    assert "| gate_up_wgrad |" in report
+
+
+def test_device_kernels_counts_the_cuda_events_per_step():
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.gpu_check_steps import device_kernels
+
+    def event(name, device, us):
+        span = SimpleNamespace(elapsed_us=lambda: us)
+        return SimpleNamespace(name=name, device_type=device, time_range=span)
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [event("_dx_kernel", cuda, 300), event("_dx_kernel", cuda, 500),
+              event("aten::mm", cpu, 9000), event("Memset (Device)", cuda, 2)]
+    got = device_kernels(events, steps=2)
+    assert got == {"_dx_kernel": (1, pytest.approx(4e-4)), "Memset (Device)": (0.5, 1e-6)}
 
 
 def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench.roofline import (
     GPUS,
+    GRU_TOKEN_GROUPS,
     LORA_CHUNK,
     ORDERS,
     ROUTING_SEED,
+    TILE_COLS,
     TILE_ROWS,
+    TORCH_OPS,
     LoraColumns,
+    compare_kernels,
     dense_round,
     gemm,
+    gpu_spec,
     graphmoe_round,
     lora_columns,
     report,
+    step_floor,
 )
 from bench.shapes import SHAPES
 
@@ -48,12 +56,13 @@ def test_base_gemm_units_of_a_graphmoe_round():
     # the gate/up deltas are 2 for slot 0 (gate, up in) and 4 for each later slot (the previous
     # slot's out, its own in): 2(2k − 1) per kernel that derives them. Forward: the deltas and
     # A_D (k); gate/up backward: the deltas, A_Dᵀ b, d a_g, d a_u (3k); weight gradients: the
-    # deltas, A_Dᵀ b, ∂B_G, ∂B_U, ∂A_D (4k). Then the dense n·r products (B_D forward, b) and
-    # the ones over the slots' union of k·r columns (∂B_D, dx's two A paths).
+    # deltas, A_Dᵀ b, ∂B_G, ∂B_U, ∂A_D (4k). Then the down kernel's dense n·r product (B_D;
+    # the backward's b runs in lora_in, left out with it) and the ones over the slots' union of
+    # k·r columns (∂B_D, dx's two A paths).
     m, d, f, n, k, r = s.tokens, s.d, s.intermediate, s.num_experts, s.top_k, s.lora_r
     deltas = 2 * (2 * k - 1)
     expected = (3 * deltas + k + 3 * k + 4 * k) * gemm(m, f, r)
-    expected += 2 * gemm(m, d, n * r) + gemm(m, k * r, d) + 2 * gemm(m, d, 2 * k * r)
+    expected += gemm(m, d, n * r) + gemm(m, k * r, d) + 2 * gemm(m, d, 2 * k * r)
     assert abs(lora_flops(s, False, "grouped") - expected) < 1e-9 * expected
     # Tokens in their order: every 32- or 64-row tile holds all 8 experts in each slot, so the
     # loops run over nearly all n·r columns: more than a base GEMM unit on top.
@@ -94,14 +103,30 @@ def test_lora_columns_are_the_kernels_chunk_loops(rank):
     assert lora_columns(s, 64, "grouped") == LoraColumns((float(rank),) * 2, 2.0 * rank)
 
 
-def test_tile_rows_are_the_kernels_first_gpu_configs():
+def test_tile_shapes_are_the_kernels_first_gpu_configs():
     from kernels.expert import backward, gate_up
+    from kernels.gru.lowrank_gru_backward import TOKEN_GROUPS
 
     firsts = {"gate_up": gate_up._GATE_UP_GPU, "gate_up_backward": backward._GATE_UP_BWD_GPU,
               "gate_up_wgrad": backward._WGRAD_GPU, "dx": backward._DX_GPU}
     for name, configs in firsts.items():
         assert TILE_ROWS[name] == configs[0].kwargs["BLOCK_M"], name
         assert all(c.kwargs["LORA_CHUNK"] == LORA_CHUNK for c in configs), name
+        if name in TILE_COLS:
+            assert TILE_COLS[name] == configs[0].kwargs["BLOCK_N"], name
+    # Training keeps the base products by default: the forward runs its SAVE_BASE list.
+    assert gate_up._GATE_UP_SAVE_BASE_GPU[0].kwargs["BLOCK_N"] == TILE_COLS["gate_up"]
+    assert TOKEN_GROUPS == GRU_TOKEN_GROUPS
+
+
+def test_atomics_of_the_weight_gradient_kernel_by_hand():
+    # 8192 tokens in 32-row tiles; per tile, each slot's loops visit its chunks (16 columns
+    # each) and add a [16, D'] fp32 block to each of ∂B_G, ∂B_U, ∂A_D per chunk.
+    s = SHAPES["llama3-8b"]
+    (wgrad,) = [k for k in graphmoe_round(s, False) if k.launches == ("_gate_up_wgrad_kernel",)]
+    columns = sum(lora_columns(s, 32, "routing").slot)
+    assert wgrad.atomics == pytest.approx(8192 / 32 * columns * 3 * 14336 * 4)
+    assert wgrad.atomics > 2 * wgrad.bytes  # the reason the column is there
 
 
 def test_report_prints_every_gpu_and_both_modes():
@@ -109,3 +134,50 @@ def test_report_prints_every_gpu_and_both_modes():
     for gpu in GPUS:
         assert f"({gpu})" in text
     assert "recompute_intermediates=False" in text and "recompute_intermediates=True" in text
+
+
+def test_every_kernel_the_package_launches_has_a_roofline_row():
+    # A new kernel without a row would land among the torch ops of bench.gpu_check's profile,
+    # its time set against no floor.
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    jitted = {name for path in root.rglob("*.py") for name in
+              re.findall(r"@triton\.jit\s+def (\w+)\(", path.read_text(encoding="utf-8"))
+              if name.endswith("_kernel")}
+    assert len(jitted) >= 17
+    named = {n for row in graphmoe_round(SHAPES["llama3-8b"], False) for n in row.launches}
+    assert named == jitted
+
+
+def test_profiled_kernels_are_set_against_the_rows_that_name_them():
+    s = replace(SHAPES["llama3-8b"], num_rounds=3)
+    rows = graphmoe_round(s, False)
+    measured = {"_lora_in_kernel": (9, 3e-4), "_dx_kernel": (3, 6e-3),
+                "_dh_base_kernel_0d1d2d3": (3, 3e-3),  # an older triton's specialised name
+                "sm90_xmma_gemm_bf16bf16": (4, 1e-4), "Memset (Device)": (20, 2e-5)}
+    groups = {g.name: g for g in compare_kernels(rows, "H100", 3, measured)}
+    # lora_in runs in forward and again in backward: one group, both rows' floors, 3 rounds.
+    lora = groups["_lora_in_kernel"]
+    assert len(lora.rows) == 2 and (lora.calls, lora.measured_s) == (9, 3e-4)
+    assert lora.floor_s == pytest.approx(
+        3 * sum(r.floor("H100") for r in rows if r.launches == ("_lora_in_kernel",)))
+    assert groups["_dh_base_kernel"].calls == 3
+    dx = groups["_dx_kernel"]
+    assert dx.ratio == pytest.approx(6e-3 / dx.floor_s)
+    # The rest (cuBLAS, memsets) against the rows no kernel of ours does, the GRU's W_g
+    # backward (between rounds: T - 1 times) and the router's backward; last in the list.
+    torch_ops = list(groups.values())[-1]
+    assert torch_ops.name == TORCH_OPS and (torch_ops.calls, torch_ops.measured_s) == (24, 1.2e-4)
+    no_launch = [r for r in rows if not r.launches]
+    assert {r.between_rounds for r in no_launch} == {True, False}
+    assert torch_ops.floor_s == pytest.approx(step_floor(no_launch, "H100", 3))
+    # Nothing measured: no ratio; the groups' floors add up to the step's.
+    assert groups["_gate_up_wgrad_kernel"].ratio is None
+    assert sum(g.floor_s for g in groups.values()) == pytest.approx(step_floor(rows, "H100", 3))
+    assert sum(g.calls for g in groups.values()) == sum(c for c, _ in measured.values())
+
+
+@pytest.mark.parametrize(("device", "spec"), [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA L4", None)])
+def test_gpu_spec_from_the_device_name(device, spec):
+    assert gpu_spec(device) == spec
