@@ -425,7 +425,11 @@ def _wgrad_cfg(block_m: int, block_n: int, warps: int, stages: int,
                          num_warps=warps, num_stages=stages)
 
 
-_WGRAD_GPU = [_wgrad_cfg(32, 64, 8, 2), _wgrad_cfg(16, 64, 8, 2)]
+# Every token tile adds a [LORA_CHUNK, BLOCK_N] block per chunk its slots visit, so the atomic
+# adds per token fall with taller tiles: the 64-row tile sends 0.59× the 32-row tile's (1.0 vs
+# 1.7 GB per round at llama3-8b, bench/roofline.py), for the autotuner to weigh on the GPU
+# against its fewer programs; spill-free on sm_80 and sm_90 only with BLOCK_N = 32.
+_WGRAD_GPU = [_wgrad_cfg(32, 64, 8, 2), _wgrad_cfg(16, 64, 8, 2), _wgrad_cfg(64, 32, 8, 2)]
 # R_PAD > 16: the 32-row tile spills 48 B on sm_80 at r = 64 (compile report).
 _WGRAD_WIDE_RANK = [c for c in _WGRAD_GPU if c.kwargs["BLOCK_M"] <= 16]
 _INTERPRET_WGRAD = _wgrad_cfg(16, 16, 4, 1)
