@@ -8,9 +8,10 @@ faulted in again (measured on the 2-core development machine: 2.4 ms to allocate
 faster with its scratch kept). The round code asks for one buffer per *role* (names chosen so
 that no two live values share one); on a CPU the buffers of a thread are kept and shared by
 every call of every layer, as a CUDA caching allocator keeps its blocks: the cost is this
-working set of one layer's round (about five ``[k·M, D']`` and three ``[M, D']`` tensors of the
-compute dtype, at the largest ``M`` seen), held until :func:`release_workspace`. Calls of one
-thread never overlap, and no output or saved tensor is ever a workspace buffer.
+working set of one layer's round (about five ``[k·M, D']``, six with LoRA dropout, and three
+``[M, D']`` tensors of the compute dtype, at the largest ``M`` seen), held until
+:func:`release_workspace`. Calls of one thread never overlap, and no output or saved tensor is
+ever a workspace buffer.
 
 On CUDA the caching allocator already makes fresh tensors cheap, and under ``torch.compile``
 buffers written in place would only constrain the compiler: there every request is a fresh
