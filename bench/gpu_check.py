@@ -299,6 +299,7 @@ def profile_lines(prof: dict[str, Any], dry_run: bool) -> list[str]:
     """The profiled training step: each kernel group's device time against its roofline floor."""
     if "groups" not in prof:
         return []
+
     def short(name: str) -> str:  # "_dx_kernel + ..." → "dx + ..."
         return re.sub(r"\b_(\w+?)_kernel\b", r"\1", name)
 

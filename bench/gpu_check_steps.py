@@ -498,8 +498,8 @@ def kernel_profile(ctx: BenchContext, warmup: int) -> dict[str, Any]:
     step = harness.module_step(ctx, layer, x, grad, "fwd_bwd")
     for _ in range(max(warmup, 1)):
         harness.timed_call(step)
-    step_ms = 1e3 * statistics.median(harness.timed_call(step) for _ in range(3))
-    profiled = 2
+    timed, profiled = (3, 2) if cuda else (1, 1)  # the interpreter takes seconds per step
+    step_ms = 1e3 * statistics.median(harness.timed_call(step) for _ in range(timed))
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
     with profile(activities=activities) as prof:
         for _ in range(profiled):

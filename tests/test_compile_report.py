@@ -35,7 +35,10 @@ KERNELS = {"routing.router_topk", "gru.gates", "gru.gates[h=0,cand=x,tanh]", "gr
 KERNELS |= {f"expert.backward.{k}{v}" for k, v in (
     ("gate_up_wgrad", ""), *((k, "[fp16]") for k in ("project", "dh_base", "gate_up",
                                                      "gate_up_wgrad", "dx")),
-    *((k, "[r=64]") for k in ("gate_up", "gate_up_wgrad", "dx")))} | {f"gru_bwd.{n}" for n in (
+    *((k, "[r=64]") for k in ("gate_up", "gate_up_wgrad", "dx")),
+    # the gate/up backward also reading the forward's saved G, U (the training default)
+    *(("gate_up", v) for v in ("[saved]", "[fp16,saved]", "[r=64,saved]")))} | {
+    f"gru_bwd.{n}" for n in (
     "gates", "gates[h=0,cand=x,tanh]", "gates[fp16]", "candidate",
     "candidate[fp16,tanh,deterministic]", "reset", "input[h]", "input[y,cand=y]",
     "input[x,cand=x]", "weight", "weight[fp16,deterministic]")}

@@ -242,6 +242,19 @@ def _wide_rank_prune(configs, named_args, **kwargs):
     return kept
 
 
+# Reading the forward's saved G, U (RECOMPUTE=False, the training default) the 16×128 tile spills
+# 8 B on sm_90 with triton 3.6 (compile report, gate_up[saved]): 64 columns at most there.
+SAVED_MAX_BLOCK_N = 64
+
+
+def _gate_up_backward_prune(configs, named_args, **kwargs):
+    """``_wide_rank_prune``, then at most ``SAVED_MAX_BLOCK_N`` columns without ``RECOMPUTE``."""
+    kept = _wide_rank_prune(configs, named_args, **kwargs)
+    if not {**named_args, **kwargs}.get("RECOMPUTE", True):
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= SAVED_MAX_BLOCK_N] or kept
+    return kept
+
+
 @triton.jit
 def _slot_backward(gate, up, e_j, e_prev, w_j, j, rows, row_ok, cols, col_ok, N,
                    dhb_ptr, stride_dhb, a_gu_ptr, b_ptr, bg_ptr, bu_ptr, ad_ptr, keys_ptr,
@@ -410,7 +423,7 @@ _gate_up_backward_tuned = triton.autotune(
     configs=GATE_UP_BWD_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "RECOMPUTE", "HAS_DROPOUT",
          "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": _wide_rank_prune},
+    prune_configs_by={"early_config_prune": _gate_up_backward_prune},
     # Benchmarking relaunches: the reductions must start from zero each time.
     reset_to_zero=["dw_ptr", "da_ptr"],
 )(_gate_up_backward_kernel)
@@ -678,14 +691,15 @@ def _grouped_grid(num_tokens: int, num_cols: int, deterministic: bool):
     return grid
 
 
-def _fixed_config(tuned, config: triton.Config | None, bucket: int,
+def _fixed_config(tuned, config: triton.Config | None, bucket: int, prune=_wide_rank_prune,
                   **constexprs: int) -> triton.Config:
     """The one config a deterministic launch runs with: the pinned one, else the first the
-    autotuner would consider. Its reduction buffers are shaped by BLOCK_M / BLOCK_N (partials
-    per D' tile, slabs per token group), so deterministic mode does not autotune."""
+    autotuner would consider (``prune``: its early pruning). Its reduction buffers are shaped
+    by BLOCK_M / BLOCK_N (partials per D' tile, slabs per token group), so deterministic mode
+    does not autotune."""
     if config is not None:
         return config
-    return _wide_rank_prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
+    return prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
 
 
 def _launch_reducing(tuned, kernel, num_tokens: int, num_cols: int, args: tuple, meta: dict,
@@ -866,7 +880,8 @@ def expert_round_backward(
     gu_cfg = configs.get("gate_up")
     n_tiles = ()
     if deterministic:
-        gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket, R_PAD=r_pad)
+        gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket,
+                               _gate_up_backward_prune, R_PAD=r_pad, RECOMPUTE=recompute)
         n_tiles = (triton.cdiv(inter, gu_cfg.kwargs["BLOCK_N"]),)
     dw = zeros(*n_tiles, num_tokens, top_k)
     da = zeros(*n_tiles, num_tokens, top_k, 2, r_pad)
@@ -973,6 +988,13 @@ def _lora_constexprs(n: int, rank: int, **flags: bool) -> dict:
             **flags, "INTERP_BF16": False}
 
 
+def _tagged(suffix: str, tag: str) -> str:
+    """``"[fp16]"`` and ``"saved"`` → ``"[fp16,saved]"``; no tag: the suffix."""
+    if not tag:
+        return suffix
+    return f"[{suffix[1:-1]},{tag}]" if suffix else f"[{tag}]"
+
+
 def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
     ptr = f"*{dt}"
     specs = []
@@ -1019,22 +1041,24 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
                "stride_dym", "stride_dxm", "num_groups", "blocks_per_group", "M_BUCKET")
     shape = f"n={n}, r={rank}, {dt}"
     specs += [
-        KernelSpec(
-            name=f"expert.backward.gate_up{suffix}",
+        *(KernelSpec(
+            name=f"expert.backward.gate_up{_tagged(suffix, tag)}",
             fn=_gate_up_backward_kernel,
             types={**dict.fromkeys(gu_ptrs, ptr), **dict.fromkeys(gu_f32, "*fp32"),
                    "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
                    **dict.fromkeys(("M", "N", "K", *gu_strides, "M_BUCKET"), _I32),
                    "scaling": "fp32", "dropout_scale": "fp32"},
-            constexprs=_lora_constexprs(n, rank, RECOMPUTE=True, HAS_DROPOUT=True,
+            constexprs=_lora_constexprs(n, rank, RECOMPUTE=recompute, HAS_DROPOUT=True,
                                         DETERMINISTIC=False),
-            configs=_GATE_UP_BWD_GPU if rank <= 16 else _GATE_UP_BWD_WIDE_RANK,
+            configs=[c for c in (_GATE_UP_BWD_GPU if rank <= 16 else _GATE_UP_BWD_WIDE_RANK)
+                     if recompute or c.kwargs["BLOCK_N"] <= SAVED_MAX_BLOCK_N],
             aligned=(*gu_ptrs, *gu_f32, "idx_ptr", "keys_ptr", "order_ptr", "M", "N", "K",
                      *gu_strides,
                      "M_BUCKET"),
-            note=f"recomputed dual gate/up GEMM (G, U to the workspace) + per-slot LoRA + "
-                 f"SwiGLU backward + ∂w, da atomics (dropout on; {shape})",
-        ),
+            note=(("recomputed dual gate/up GEMM (G, U to the workspace)" if recompute else
+                   "the forward's saved G, U (the training default)")
+                  + f" + per-slot LoRA + SwiGLU backward + ∂w, da atomics (dropout on; {shape})"),
+        ) for recompute, tag in ((True, ""), (False, "saved"))),
         KernelSpec(
             name=f"expert.backward.gate_up_wgrad{suffix}",
             fn=_gate_up_wgrad_kernel,
