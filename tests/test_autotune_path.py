@@ -106,11 +106,6 @@ def test_layer_through_the_gpu_autotuning(monkeypatch, winner, recompute, determ
     assert all(c[0] != (("BLOCK_K", 64), ("BLOCK_M", 64), ("BLOCK_N", 128), ("GROUP_M", 8),
                         ("LORA_CHUNK", 16)) or c[2] != 3 for c in saving)
 
-    # The gate/up backward reading the saved G, U keeps to 64-column tiles (sm_90 spill).
-    if not deterministic:
-        widths = {dict(c[0])["BLOCK_N"] for _, c in tuned["backward._gate_up_backward_tuned"]}
-        assert max(widths) == (128 if recompute else 64), widths
-
     torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
     for name, want in g_ref.items():
         got = g_tri[name]

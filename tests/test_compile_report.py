@@ -25,20 +25,26 @@ from graphmoe_fused.kernels.compile_report import (
 
 SPECS = collect_specs()
 KERNELS = {"routing.router_topk", "gru.gates", "gru.gates[h=0,cand=x,tanh]", "gru.update",
-           "gru.project", "expert.lora_in", "expert.gate_up", "expert.gate_up[save_base]",
-           "expert.a_mix_reduce",
-           "expert.down",
-           "expert.backward.project", "expert.backward.dh_base", "expert.backward.gate_up",
-           "expert.backward.dx"}
-# The backward's variants: fp16 of every kernel, r = 64 (n = 4) of those with a rank constexpr,
-# and the token-reduction kernel split out of gate_up.
-KERNELS |= {f"expert.backward.{k}{v}" for k, v in (
-    ("gate_up_wgrad", ""), *((k, "[fp16]") for k in ("project", "dh_base", "gate_up",
-                                                     "gate_up_wgrad", "dx")),
-    *((k, "[r=64]") for k in ("gate_up", "gate_up_wgrad", "dx")),
-    # the gate/up backward also reading the forward's saved G, U (the training default)
-    *(("gate_up", v) for v in ("[saved]", "[fp16,saved]", "[r=64,saved]")))} | {
-    f"gru_bwd.{n}" for n in (
+           "gru.project", "expert.lora_in", "expert.a_mix_reduce", "expert.down",
+           "expert.backward.project", "expert.backward.dh_base"}
+# The forward gate/up kernel at every combination of dropout, stored base and deterministic
+# a_mix (the training variant with dropout and atomics has no tag).
+KERNELS |= {"expert.gate_up" + (f"[{t}]" if t else "") for t in (
+    "", "save_base", "deterministic", "save_base,deterministic", "no dropout",
+    "no dropout,save_base", "no dropout,deterministic", "no dropout,save_base,deterministic")}
+# The backward: in bf16 the gate/up kernel at every combination of saved G, U, dropout and
+# deterministic reductions, the token-reducing kernels at those of dropout and deterministic;
+# fp16 of every kernel and r = 64 (n = 4) of those with a rank constexpr, each in the training
+# default beside recomputation (and at r = 64 deterministic).
+KERNELS |= {f"expert.backward.gate_up{t}" for t in (
+    "", "[saved]", "[deterministic]", "[saved,deterministic]", "[no dropout]",
+    "[saved,no dropout]", "[no dropout,deterministic]", "[saved,no dropout,deterministic]",
+    "[fp16]", "[fp16,saved]", "[r=64]", "[r=64,saved]", "[r=64,deterministic]")}
+KERNELS |= {f"expert.backward.{k}{t}" for k in ("gate_up_wgrad", "dx") for t in (
+    "", "[deterministic]", "[no dropout]", "[no dropout,deterministic]", "[fp16]", "[r=64]",
+    "[r=64,deterministic]")}
+KERNELS |= {"expert.backward.project[fp16]", "expert.backward.dh_base[fp16]"}
+KERNELS |= {f"gru_bwd.{n}" for n in (
     "gates", "gates[h=0,cand=x,tanh]", "gates[fp16]", "candidate",
     "candidate[fp16,tanh,deterministic]", "reset", "input[h]", "input[y,cand=y]",
     "input[x,cand=x]", "weight", "weight[fp16,deterministic]")}

@@ -74,6 +74,7 @@ into router gradients.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -222,9 +223,11 @@ def _lora_cfg(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
 # dtype) and the rank-r da accumulators, next to one chunk of each masked-dense product. With
 # the token reductions in 3b (below) the sm_80 compile keeps under its 255-register cap; it
 # spilled 24-32 bytes there in every config while they were fused here (compile report).
+# 16×128 spills in two of the switches' combinations (8 B: sm_80 without dropout, sm_90 reading
+# the saved G, U with triton 3.6) and is left out.
 _GATE_UP_BWD_GPU = [
     _lora_cfg(32, 64, 64, 8, 3), _lora_cfg(32, 64, 32, 8, 4), _lora_cfg(64, 32, 64, 8, 3),
-    _lora_cfg(16, 64, 64, 8, 3), _lora_cfg(16, 128, 64, 8, 3),
+    _lora_cfg(16, 64, 64, 8, 3),
 ]
 # R_PAD > 16 (one expert per chunk or wider): [BM, R] da accumulators and [BM, R] chunk
 # products; only the 16-row tiles stay spill-free on sm_80 and sm_90 (32-row tiles spill 8-40 B
@@ -239,19 +242,6 @@ def _wide_rank_prune(configs, named_args, **kwargs):
     kept = prune_small_m(configs, named_args, **kwargs)
     if {**named_args, **kwargs}.get("R_PAD", 16) > 16:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 16] or kept
-    return kept
-
-
-# Reading the forward's saved G, U (RECOMPUTE=False, the training default) the 16×128 tile spills
-# 8 B on sm_90 with triton 3.6 (compile report, gate_up[saved]): 64 columns at most there.
-SAVED_MAX_BLOCK_N = 64
-
-
-def _gate_up_backward_prune(configs, named_args, **kwargs):
-    """``_wide_rank_prune``, then at most ``SAVED_MAX_BLOCK_N`` columns without ``RECOMPUTE``."""
-    kept = _wide_rank_prune(configs, named_args, **kwargs)
-    if not {**named_args, **kwargs}.get("RECOMPUTE", True):
-        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= SAVED_MAX_BLOCK_N] or kept
     return kept
 
 
@@ -423,7 +413,7 @@ _gate_up_backward_tuned = triton.autotune(
     configs=GATE_UP_BWD_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "NUM_EXPERTS", "TOP_K", "RECOMPUTE", "HAS_DROPOUT",
          "DETERMINISTIC"],
-    prune_configs_by={"early_config_prune": _gate_up_backward_prune},
+    prune_configs_by={"early_config_prune": _wide_rank_prune},
     # Benchmarking relaunches: the reductions must start from zero each time.
     reset_to_zero=["dw_ptr", "da_ptr"],
 )(_gate_up_backward_kernel)
@@ -442,7 +432,10 @@ def _wgrad_cfg(block_m: int, block_n: int, warps: int, stages: int,
 # adds per token fall with taller tiles: the 64-row tile sends 0.59× the 32-row tile's (1.0 vs
 # 1.7 GB per round at llama3-8b, bench/roofline.py), for the autotuner to weigh on the GPU
 # against its fewer programs; spill-free on sm_80 and sm_90 only with BLOCK_N = 32.
-_WGRAD_GPU = [_wgrad_cfg(32, 64, 8, 2), _wgrad_cfg(16, 64, 8, 2), _wgrad_cfg(64, 32, 8, 2)]
+# Deterministic mode runs the first config the pruning keeps: 32×64 at r = 16, and 16×32 at
+# r = 64, where 16×64 spills 24 B on sm_80 in deterministic mode (it is kept for atomic mode).
+_WGRAD_GPU = [_wgrad_cfg(32, 64, 8, 2), _wgrad_cfg(16, 32, 8, 2), _wgrad_cfg(16, 64, 8, 2),
+              _wgrad_cfg(64, 32, 8, 2)]
 # R_PAD > 16: the 32-row tile spills 48 B on sm_80 at r = 64 (compile report).
 _WGRAD_WIDE_RANK = [c for c in _WGRAD_GPU if c.kwargs["BLOCK_M"] <= 16]
 _INTERPRET_WGRAD = _wgrad_cfg(16, 16, 4, 1)
@@ -691,15 +684,14 @@ def _grouped_grid(num_tokens: int, num_cols: int, deterministic: bool):
     return grid
 
 
-def _fixed_config(tuned, config: triton.Config | None, bucket: int, prune=_wide_rank_prune,
+def _fixed_config(tuned, config: triton.Config | None, bucket: int,
                   **constexprs: int) -> triton.Config:
     """The one config a deterministic launch runs with: the pinned one, else the first the
-    autotuner would consider (``prune``: its early pruning). Its reduction buffers are shaped
-    by BLOCK_M / BLOCK_N (partials per D' tile, slabs per token group), so deterministic mode
-    does not autotune."""
+    autotuner would consider. Its reduction buffers are shaped by BLOCK_M / BLOCK_N (partials
+    per D' tile, slabs per token group), so deterministic mode does not autotune."""
     if config is not None:
         return config
-    return prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
+    return _wide_rank_prune(tuned.configs, {"M_BUCKET": bucket}, **constexprs)[0]
 
 
 def _launch_reducing(tuned, kernel, num_tokens: int, num_cols: int, args: tuple, meta: dict,
@@ -880,8 +872,7 @@ def expert_round_backward(
     gu_cfg = configs.get("gate_up")
     n_tiles = ()
     if deterministic:
-        gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket,
-                               _gate_up_backward_prune, R_PAD=r_pad, RECOMPUTE=recompute)
+        gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket, R_PAD=r_pad)
         n_tiles = (triton.cdiv(inter, gu_cfg.kwargs["BLOCK_N"]),)
     dw = zeros(*n_tiles, num_tokens, top_k)
     da = zeros(*n_tiles, num_tokens, top_k, 2, r_pad)
@@ -933,7 +924,9 @@ def expert_round_backward(
     dx_cfg = configs.get("dx")
     slabs = ()
     if deterministic:
-        dx_cfg = _fixed_config(_dx_tuned, dx_cfg, bucket)
+        # The first config whatever the token count: the only one that compiles spill-free in
+        # deterministic mode (compile report: the others spill 8-56 B there).
+        dx_cfg = dx_cfg or _dx_tuned.configs[0]
         slabs = (_token_groups(num_tokens, dx_cfg.kwargs["BLOCK_M"], True)[0],)
     dai = zeros(*slabs, 2, n * r_pad, hidden)
     dbd = zeros(*slabs, n * rank, hidden)
@@ -988,11 +981,43 @@ def _lora_constexprs(n: int, rank: int, **flags: bool) -> dict:
             **flags, "INTERP_BF16": False}
 
 
-def _tagged(suffix: str, tag: str) -> str:
-    """``"[fp16]"`` and ``"saved"`` → ``"[fp16,saved]"``; no tag: the suffix."""
-    if not tag:
+# The switches users flip, per variant: every combination for the benchmark shape in bf16
+# (each path a user can take compiles: ptxas's register allocation does not follow from one
+# combination to another), and for fp16 and r = 64 the training default (saved G, U, dropout,
+# atomics) with recomputation and, at r = 64, deterministic mode beside it.
+_SWITCHES = ("RECOMPUTE", "HAS_DROPOUT", "DETERMINISTIC")
+_TAGS = {("RECOMPUTE", False): "saved", ("HAS_DROPOUT", False): "no dropout",
+         ("DETERMINISTIC", True): "deterministic"}
+
+
+def _flag_variants(suffix: str) -> list[dict[str, bool]]:
+    if not suffix:
+        return [dict(zip(_SWITCHES, values, strict=True))
+                for values in itertools.product((True, False), (True, False), (False, True))]
+    variants = [{"RECOMPUTE": r, "HAS_DROPOUT": True, "DETERMINISTIC": False}
+                for r in (True, False)]
+    if suffix == "[r=64]":
+        variants.append({"RECOMPUTE": True, "HAS_DROPOUT": True, "DETERMINISTIC": True})
+    return variants
+
+
+def _fixed_or_all(configs: list[triton.Config], flags: dict[str, bool]) -> list[triton.Config]:
+    """What a launch may run: in deterministic mode only the first config (``_fixed_config``,
+    and dx's first whatever the token count), else every config the autotuner may pick."""
+    return configs[:1] if flags["DETERMINISTIC"] else configs
+
+
+def _flags_of(flags: dict[str, bool]) -> dict[str, bool]:
+    return {k: v for k, v in flags.items() if k != "RECOMPUTE"}
+
+
+def _tagged(suffix: str, flags: dict[str, bool]) -> str:
+    """The variant's name suffix: ``"[fp16]"`` with ``RECOMPUTE=False`` → ``"[fp16,saved]"``;
+    the default switches (recompute, dropout, atomics) add no tag."""
+    tags = [t for (k, v), t in _TAGS.items() if flags.get(k, not v) == v]
+    if not tags:
         return suffix
-    return f"[{suffix[1:-1]},{tag}]" if suffix else f"[{tag}]"
+    return "[" + ",".join(([suffix[1:-1]] if suffix else []) + tags) + "]"
 
 
 def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
@@ -1040,54 +1065,60 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
     dx_ints = ("M", "N", "K", "stride_dg", "stride_du", "stride_wg", "stride_wu", "stride_xm",
                "stride_dym", "stride_dxm", "num_groups", "blocks_per_group", "M_BUCKET")
     shape = f"n={n}, r={rank}, {dt}"
-    specs += [
-        *(KernelSpec(
-            name=f"expert.backward.gate_up{_tagged(suffix, tag)}",
+    wide = rank > 16
+    for flags in _flag_variants(suffix):
+        tagged = _tagged(suffix, flags)
+        recompute = flags.get("RECOMPUTE", True)
+        mode = (("dropout on" if flags["HAS_DROPOUT"] else "no dropout")
+                + ("; deterministic" if flags["DETERMINISTIC"] else "; atomic reductions"))
+        specs.append(KernelSpec(
+            name=f"expert.backward.gate_up{tagged}",
             fn=_gate_up_backward_kernel,
             types={**dict.fromkeys(gu_ptrs, ptr), **dict.fromkeys(gu_f32, "*fp32"),
                    "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
                    **dict.fromkeys(("M", "N", "K", *gu_strides, "M_BUCKET"), _I32),
                    "scaling": "fp32", "dropout_scale": "fp32"},
-            constexprs=_lora_constexprs(n, rank, RECOMPUTE=recompute, HAS_DROPOUT=True,
-                                        DETERMINISTIC=False),
-            configs=[c for c in (_GATE_UP_BWD_GPU if rank <= 16 else _GATE_UP_BWD_WIDE_RANK)
-                     if recompute or c.kwargs["BLOCK_N"] <= SAVED_MAX_BLOCK_N],
+            constexprs=_lora_constexprs(n, rank, RECOMPUTE=recompute, **_flags_of(flags)),
+            configs=_fixed_or_all(_GATE_UP_BWD_WIDE_RANK if wide else _GATE_UP_BWD_GPU, flags),
             aligned=(*gu_ptrs, *gu_f32, "idx_ptr", "keys_ptr", "order_ptr", "M", "N", "K",
-                     *gu_strides,
-                     "M_BUCKET"),
+                     *gu_strides, "M_BUCKET"),
             note=(("recomputed dual gate/up GEMM (G, U to the workspace)" if recompute else
-                   "the forward's saved G, U (the training default)")
-                  + f" + per-slot LoRA + SwiGLU backward + ∂w, da atomics (dropout on; {shape})"),
-        ) for recompute, tag in ((True, ""), (False, "saved"))),
-        KernelSpec(
-            name=f"expert.backward.gate_up_wgrad{suffix}",
-            fn=_gate_up_wgrad_kernel,
-            types={**dict.fromkeys(wg_ptrs, ptr), **dict.fromkeys(wg_f32, "*fp32"),
-                   "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
-                   **dict.fromkeys(wg_ints, _I32),
-                   "dropout_scale": "fp32"},
-            constexprs=_lora_constexprs(n, rank, HAS_DROPOUT=True, DETERMINISTIC=False),
-            configs=_WGRAD_GPU if rank <= 16 else _WGRAD_WIDE_RANK,
-            aligned=(*wg_ptrs, *wg_f32, "idx_ptr", "keys_ptr", "order_ptr", "M", "N", "stride_gs",
-                     "stride_us", "stride_dhb", "M_BUCKET"),
-            note=f"per-slot SwiGLU backward re-derived from G, U + ∂B_G/∂B_U/∂A_D atomics "
-                 f"(dropout on; {shape})",
-        ),
-        KernelSpec(
-            name=f"expert.backward.dx{suffix}",
-            fn=_dx_kernel,
-            types={**dict.fromkeys(dx_ptrs, ptr), **dict.fromkeys(dx_f32, "*fp32"),
-                   "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
-                   **dict.fromkeys(dx_ints, _I32),
-                   "scaling": "fp32", "dropout_scale": "fp32"},
-            constexprs=_lora_constexprs(n, rank, HAS_DROPOUT=True, DETERMINISTIC=False),
-            configs=_DX_GPU,
-            aligned=(*dx_ptrs, *dx_f32, "idx_ptr", "keys_ptr", "order_ptr", *dx_ints[:-3],
-                     "M_BUCKET"),
-            note=f"dG W_G + dU W_U + masked-dense LoRA K-steps + ∂A_G/∂A_U/∂B_D atomics "
-                 f"({shape})",
-        ),
-    ]
+                   "the forward's saved G, U")
+                  + f" + per-slot LoRA + SwiGLU backward + ∂w, da ({mode}; {shape})"),
+        ))
+        if "RECOMPUTE" in flags and not recompute:
+            continue  # the other two kernels have no such switch
+        tagged = _tagged(suffix, {k: v for k, v in flags.items() if k != "RECOMPUTE"})
+        specs += [
+            KernelSpec(
+                name=f"expert.backward.gate_up_wgrad{tagged}",
+                fn=_gate_up_wgrad_kernel,
+                types={**dict.fromkeys(wg_ptrs, ptr), **dict.fromkeys(wg_f32, "*fp32"),
+                       "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
+                       **dict.fromkeys(wg_ints, _I32),
+                       "dropout_scale": "fp32"},
+                constexprs=_lora_constexprs(n, rank, **_flags_of(flags)),
+                configs=_fixed_or_all(_WGRAD_WIDE_RANK if wide else _WGRAD_GPU, flags),
+                aligned=(*wg_ptrs, *wg_f32, "idx_ptr", "keys_ptr", "order_ptr", "M", "N",
+                         "stride_gs", "stride_us", "stride_dhb", "M_BUCKET"),
+                note=f"per-slot SwiGLU backward re-derived from G, U + ∂B_G/∂B_U/∂A_D "
+                     f"({mode}; {shape})",
+            ),
+            KernelSpec(
+                name=f"expert.backward.dx{tagged}",
+                fn=_dx_kernel,
+                types={**dict.fromkeys(dx_ptrs, ptr), **dict.fromkeys(dx_f32, "*fp32"),
+                       "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
+                       **dict.fromkeys(dx_ints, _I32),
+                       "scaling": "fp32", "dropout_scale": "fp32"},
+                constexprs=_lora_constexprs(n, rank, **_flags_of(flags)),
+                configs=_fixed_or_all(_DX_GPU, flags),
+                aligned=(*dx_ptrs, *dx_f32, "idx_ptr", "keys_ptr", "order_ptr", *dx_ints[:-3],
+                         "M_BUCKET"),
+                note=f"dG W_G + dU W_U + masked-dense LoRA K-steps + ∂A_G/∂A_U/∂B_D "
+                     f"({mode}; {shape})",
+            ),
+        ]
     return specs
 
 

@@ -64,6 +64,7 @@ Layouts: the LoRA factors come in the kernel layout of :mod:`.layout` (``expert_
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -183,13 +184,14 @@ _lora_in_tuned = triton.autotune(
 # 128×64 spills a few registers there, though not on sm_90). x is shared by W_G and W_U, so a
 # 64×128 dual tile reads as little per FLOP as a 64×256 single GEMM. LORA_CHUNK is how many
 # masked-dense columns are multiplied at once: 32 spills on sm_80 at 64×128; 16 is one
-# m16n8k16 / wgmma K-step. The small tiles (few tokens) are 16×64×64 and 64×32×32: 32×64×64
-# spills 8 B on sm_90 with triton 3.6-3.7 (torch 2.11-2.12), 64×32×64 up to 24 B on sm_80.
+# m16n8k16 / wgmma K-step. The small tiles (few tokens) are 16×64×64 and 32×64×32: 32×64×64
+# spills 8 B on sm_90 with triton 3.6-3.7 (torch 2.11-2.12), 64×32×64 up to 24 B on sm_80, and
+# 64×32×32 8 B on sm_80 without dropout (inference).
 _GATE_UP_GPU = [
     cfg(64, 128, 64, 8, 3, LORA_CHUNK=16), cfg(64, 128, 32, 8, 4, LORA_CHUNK=16),
     cfg(64, 128, 32, 8, 3, LORA_CHUNK=16), cfg(64, 64, 64, 8, 3, LORA_CHUNK=16),
     cfg(64, 64, 32, 8, 4, LORA_CHUNK=16), cfg(16, 64, 64, 4, 4, LORA_CHUNK=16),
-    cfg(64, 32, 32, 4, 4, LORA_CHUNK=16),
+    cfg(32, 64, 32, 4, 4, LORA_CHUNK=16),
 ]
 # Storing the base products too (SAVE_BASE) keeps two more tiles live across the K-loop's end:
 # the 64×128×64 and 64×64×64 3-stage configs then spill 16-56 B on sm_80 (compile report), so
@@ -724,6 +726,14 @@ _GATE_UP_ALIGNED = ("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr",
                     "stride_wu", "stride_hm", "M_BUCKET")
 _GATE_UP_SHAPE = {"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
                   "TOP_K": _TOP_K, "INTERP_BF16": False}
+def _variant_tag(dropout: bool, save_base: bool, deterministic: bool) -> str:
+    """``""`` for the training variant with dropout and atomics; else e.g. ``"[save_base]"``,
+    ``"[no dropout,deterministic]"``."""
+    tags = ["no dropout"] * (not dropout) + ["save_base"] * save_base + (
+        ["deterministic"] * deterministic)
+    return f"[{','.join(tags)}]" if tags else ""
+
+
 COMPILE_SPECS = [
     KernelSpec(
         name="expert.lora_in",
@@ -743,37 +753,23 @@ COMPILE_SPECS = [
         aligned=_LORA_IN_ALIGNED,
         note="training variant: the x dropout mask hashed in registers as x tiles load",
     ),
-    KernelSpec(
-        name="expert.gate_up",
+    # Every combination of the switches a user flips (ptxas's register allocation does not carry
+    # from one to another): dropout (training) or none (inference, or lora_dropout=0), the
+    # base products stored for backward or not, atomic or deterministic a_mix.
+    *(KernelSpec(
+        name="expert.gate_up" + _variant_tag(dropout, save_base, deterministic),
         fn=_expert_gate_up_kernel,
         types=_GATE_UP_TYPES,
-        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False,
-                    "SAVE_BASE": False},
-        configs=_GATE_UP_GPU,
+        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": dropout, "DETERMINISTIC": deterministic,
+                    "SAVE_BASE": save_base},
+        configs=_GATE_UP_SAVE_BASE_GPU if save_base else _GATE_UP_GPU,
         aligned=_GATE_UP_ALIGNED,
-        note="dual gate/up GEMM + per-slot masked-dense LoRA + SwiGLU + mix + A_D atomics "
-             "(training variant: the h dropout masks hashed in registers)",
-    ),
-    KernelSpec(
-        name="expert.gate_up[save_base]",
-        fn=_expert_gate_up_kernel,
-        types=_GATE_UP_TYPES,
-        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": False,
-                    "SAVE_BASE": True},
-        configs=_GATE_UP_SAVE_BASE_GPU,
-        aligned=_GATE_UP_ALIGNED,
-        note="training variant that also stores W_G x and W_U x (recompute_intermediates=False)",
-    ),
-    KernelSpec(
-        name="expert.gate_up",
-        fn=_expert_gate_up_kernel,
-        types=_GATE_UP_TYPES,
-        constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": True, "DETERMINISTIC": True,
-                    "SAVE_BASE": False},
-        configs=_GATE_UP_GPU,
-        aligned=_GATE_UP_ALIGNED,
-        note="deterministic training variant: per-tile a_mix partials stored, no atomics",
-    ),
+        note="dual gate/up GEMM + per-slot masked-dense LoRA + SwiGLU + mix + A_D products"
+             + (", the h dropout masks hashed in registers" if dropout else ", no dropout")
+             + (", W_G x and W_U x stored" if save_base else "")
+             + (", per-tile a_mix partials (no atomics)" if deterministic else
+                ", a_mix atomics"),
+    ) for dropout, save_base, deterministic in itertools.product((True, False), repeat=3)),
     KernelSpec(
     name="expert.a_mix_reduce",
     fn=_a_mix_reduce_kernel,
