@@ -24,9 +24,13 @@ from graphmoe_fused.kernels.compile_report import (
 )
 
 SPECS = collect_specs()
-KERNELS = {"routing.router_topk", "gru.gates", "gru.gates[h=0,cand=x,tanh]", "gru.update",
-           "gru.project", "expert.lora_in", "expert.a_mix_reduce", "expert.down",
-           "expert.backward.project", "expert.backward.dh_base"}
+KERNELS = {"routing.router_topk", "gru.project", "expert.lora_in", "expert.a_mix_reduce",
+           "expert.down", "expert.backward.project", "expert.backward.dh_base"}
+# The GRU: pass 1 at every combination of h given or zero, candidate x or y, tanh or sigmoid;
+# the update at both activations.
+GRU_TAGS = ("", "[tanh]", "[cand=x]", "[cand=x,tanh]", "[h=0]", "[h=0,tanh]", "[h=0,cand=x]",
+            "[h=0,cand=x,tanh]")
+KERNELS |= {f"gru.gates{t}" for t in GRU_TAGS} | {"gru.update", "gru.update[tanh]"}
 # The forward gate/up kernel at every combination of dropout, stored base and deterministic
 # a_mix (the training variant with dropout and atomics has no tag).
 KERNELS |= {"expert.gate_up" + (f"[{t}]" if t else "") for t in (
@@ -44,10 +48,18 @@ KERNELS |= {f"expert.backward.{k}{t}" for k in ("gate_up_wgrad", "dx") for t in 
     "", "[deterministic]", "[no dropout]", "[no dropout,deterministic]", "[fp16]", "[r=64]",
     "[r=64,deterministic]")}
 KERNELS |= {"expert.backward.project[fp16]", "expert.backward.dh_base[fp16]"}
+# The GRU backward: its gates pass at every combination (and deterministic), in fp16 once;
+# the candidate pass at both activations and reductions; the input pass as each candidate
+# input launches it; the weight reductions both ways.
+KERNELS |= {f"gru_bwd.gates{t}" for t in GRU_TAGS}
+KERNELS |= {f"gru_bwd.gates{t[:-1]},deterministic]" if t else "gru_bwd.gates[deterministic]"
+            for t in GRU_TAGS}
 KERNELS |= {f"gru_bwd.{n}" for n in (
-    "gates", "gates[h=0,cand=x,tanh]", "gates[fp16]", "candidate",
-    "candidate[fp16,tanh,deterministic]", "reset", "input[h]", "input[y,cand=y]",
-    "input[x,cand=x]", "weight", "weight[fp16,deterministic]")}
+    "gates[fp16]", "candidate", "candidate[tanh]", "candidate[deterministic]",
+    "candidate[tanh,deterministic]", "candidate[fp16,tanh,deterministic]", "reset", "input[h]",
+    "input[y,cand=y]", "input[x,cand=x]", "input[y,cand=x]", "input[y,h=0,cand=y]",
+    "input[y,h=0,cand=x]", "weight", "weight[deterministic]",
+    "weight[fp16,deterministic]")}
 REPORT = "graphmoe_fused.kernels.compile_report"
 
 

@@ -30,6 +30,8 @@ load vectorises; pass it back as the next round's ``h`` unchanged.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -251,8 +253,9 @@ def _gru_project_kernel(
 # kept ≤ 64 and warps are added with BLOCK_M (≤ 96 accumulator registers per thread; 128 × 32
 # on 4 warps spilled on sm_80), BLOCK_M large for weight reuse; shared memory per stage
 # (BLOCK_M + 3·BLOCK_H)·BLOCK_K·2 B (+ an x tile for candidate "x") ≤ 44 KB.
+# 64×64×64 on 4 warps spills 112 B on sm_80 with h given and candidate x (compile report): 8 warps.
 GATES_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_H": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_H": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_H": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
@@ -487,6 +490,13 @@ def fused_lowrank_gru(
 
 # llama3-8b (design.md §4): d=4096, dh=409 (rows packed to dh_pad=416, gate row stride 4512), bf16.
 # The sizes are runtime arguments, so only the dtypes, flags and alignment shape the code.
+def gru_variant_tag(has_h: bool, cand_x: bool, tanh: bool, *more: str) -> str:
+    """``""`` for rounds ≥ 2 with candidate y and sigmoid; else e.g. ``"[h=0,cand=x,tanh]"``
+    (``more``: further tags, as the backward's ``"deterministic"``)."""
+    tags = ["h=0"] * (not has_h) + ["cand=x"] * cand_x + ["tanh"] * tanh + list(more)
+    return f"[{','.join(tags)}]" if tags else ""
+
+
 _D, _DH = 4096, 409
 _GATES_TYPES = {
     **{p: "*bf16" for p in ("h_ptr", "y_ptr", "x_ptr", "wz_ptr", "wr_ptr", "wo_ptr", "bo_ptr",
@@ -501,26 +511,25 @@ _GATES_ALIGNED = ("h_ptr", "y_ptr", "x_ptr", "wz_ptr", "wr_ptr", "wo_ptr", "bo_p
 _SHAPE_NOTE = f"d={_D} dh={_DH} bf16"
 
 COMPILE_SPECS = [
-    # Pass 1 in its two variants: three accumulators (h given) is the register-heavy one; round 1
-    # with candidate x reads a second activation tile per K step.
+    # Pass 1 at every combination of its switches (ptxas's allocation does not carry from one
+    # to another): h given (rounds ≥ 2: three accumulators) or zero (round 1), candidate input y
+    # or x (a second activation tile per K step), sigmoid or tanh.
     *(
         KernelSpec(
-            name=name,
+            name="gru.gates" + gru_variant_tag(has_h, cand_x, tanh),
             fn=_gru_gates_kernel,
             types=_GATES_TYPES,
             constexprs={"HAS_H": has_h, "CAND_X": cand_x, "CAND_TANH": tanh,
                         "INTERP_BF16": False},
             configs=GATES_GPU_CONFIGS,
             aligned=_GATES_ALIGNED,
-            note=_SHAPE_NOTE + note,
+            note=_SHAPE_NOTE + (", rounds ≥ 2" if has_h else ", round 1")
+            + f", candidate {'x' if cand_x else 'y'}, {'tanh' if tanh else 'sigmoid'}",
         )
-        for name, has_h, cand_x, tanh, note in (
-            ("gru.gates", True, False, False, ", rounds ≥ 2, candidate y"),
-            ("gru.gates[h=0,cand=x,tanh]", False, True, True, ", round 1, candidate x, tanh"),
-        )
+        for has_h, cand_x, tanh in itertools.product((True, False), (False, True), (False, True))
     ),
-    KernelSpec(
-        name="gru.update",
+    *(KernelSpec(
+        name="gru.update" + gru_variant_tag(True, False, tanh),
         fn=_gru_update_kernel,
         types={
             **{p: "*bf16" for p in ("h_ptr", "rh_ptr", "wo_ptr", "hnew_ptr")},
@@ -528,12 +537,12 @@ COMPILE_SPECS = [
             **{a: "i32" for a in ("M", "DH", "DH_PAD", "stride_hm", "stride_ws", "stride_w",
                                   "stride_hn", "M_BUCKET")},
         },
-        constexprs={"CAND_TANH": False, "INTERP_BF16": False},
+        constexprs={"CAND_TANH": tanh, "INTERP_BF16": False},
         configs=UPDATE_GPU_CONFIGS,
         aligned=("h_ptr", "rh_ptr", "z_ptr", "ou_ptr", "wo_ptr", "hnew_ptr", "M", "DH_PAD",
                  "stride_hm", "stride_ws", "stride_w", "stride_hn", "M_BUCKET"),
-        note=_SHAPE_NOTE,
-    ),
+        note=_SHAPE_NOTE + (", tanh" if tanh else ", sigmoid"),
+    ) for tanh in (False, True)),
     KernelSpec(
         name="gru.project",
         fn=_gru_project_kernel,

@@ -42,6 +42,7 @@ them, so every later dot loads them with uniform masks.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -81,6 +82,7 @@ from .lowrank_gru import (
     _candidate_activation,
     _pack_gate_weights,
     gate_preactivations,
+    gru_variant_tag,
 )
 
 __all__ = ["TOKEN_GROUPS", "GRUBackward", "lowrank_gru_backward"]
@@ -418,8 +420,9 @@ GATES_BWD_GPU_CONFIGS = [c for c in GATES_GPU_CONFIGS
 # input: up to three gradient and three weight tiles per K step, so BLOCK_K = 32 keeps
 # 3·(BLOCK_M + BLOCK_N)·BLOCK_K·2 B per stage ≤ 48 KB; one fp32 accumulator.
 # 64 × 128 on 8 warps: on 4 it spills 8-24 B on sm_80 with triton 3.6-3.8.
+# 64×128×32 with 3 stages spills 16 B on sm_80 for candidate x's ∂y (z, r terms only): 2 stages.
 INPUT_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
@@ -754,33 +757,38 @@ def _spec(name, fn, dtype, fp32_ptrs, constexprs, configs, note, unaligned=()):
 
 
 COMPILE_SPECS = [
-    # gates: rounds ≥ 2 (three accumulators, stores z, r, the partial candidate, r ⊙ h) and
-    # round 1 with candidate x (a second activation tile per K step, the fused elementwise
-    # backward and the ∂b_o atomics in the epilogue).
+    # gates at every combination of its switches in bf16 (rounds ≥ 2: three accumulators; round
+    # 1: the fused elementwise backward and the ∂b_o reduction in the epilogue; candidate x: a
+    # second activation tile per K step), and rounds ≥ 2 with candidate x in fp16.
     *(
-        _spec(f"gru_bwd.gates{suffix}", _gru_bwd_gates_kernel, dtype,
-              ("gh_ptr", "ws_ptr", "bias_ptr"),
-              {"HAS_H": has_h, "CAND_X": cand_x, "CAND_TANH": tanh, "DETERMINISTIC": False},
-              GATES_BWD_GPU_CONFIGS, note)
-        for suffix, dtype, has_h, cand_x, tanh, note in (
-            ("", "bf16", True, False, False, ", rounds ≥ 2, candidate y"),
-            ("[h=0,cand=x,tanh]", "bf16", False, True, True, ", round 1, candidate x, tanh"),
-            ("[fp16]", "fp16", True, True, False, ", rounds ≥ 2, candidate x"),
-        )
+        _spec("gru_bwd.gates" + gru_variant_tag(has_h, cand_x, tanh, *["deterministic"] * det),
+              _gru_bwd_gates_kernel, "bf16", ("gh_ptr", "ws_ptr", "bias_ptr"),
+              {"HAS_H": has_h, "CAND_X": cand_x, "CAND_TANH": tanh, "DETERMINISTIC": det},
+              GATES_BWD_GPU_CONFIGS, (", rounds ≥ 2" if has_h else ", round 1")
+              + f", candidate {'x' if cand_x else 'y'}" + (", deterministic" if det else ""))
+        for has_h, cand_x, tanh, det in itertools.product((True, False), (False, True),
+                                                          (False, True), (False, True))
     ),
+    _spec("gru_bwd.gates[fp16]", _gru_bwd_gates_kernel, "fp16",
+          ("gh_ptr", "ws_ptr", "bias_ptr"),
+          {"HAS_H": True, "CAND_X": True, "CAND_TANH": False, "DETERMINISTIC": False},
+          GATES_BWD_GPU_CONFIGS, ", rounds ≥ 2, candidate x"),
     *(
         _spec(f"gru_bwd.candidate{suffix}", _gru_bwd_candidate_kernel, dtype,
               ("gh_ptr", "ws_ptr", "bias_ptr"), {"CAND_TANH": tanh, "DETERMINISTIC": det},
               UPDATE_GPU_CONFIGS, note)
         for suffix, dtype, tanh, det, note in (
             ("", "bf16", False, False, ", ∂b_o atomics"),
+            ("[tanh]", "bf16", True, False, ", tanh, ∂b_o atomics"),
+            ("[deterministic]", "bf16", False, True, ", ∂b_o partials"),
+            ("[tanh,deterministic]", "bf16", True, True, ", tanh, ∂b_o partials"),
             ("[fp16,tanh,deterministic]", "fp16", True, True, ", tanh, ∂b_o partials"),
         )
     ),
     _spec("gru_bwd.reset", _gru_bwd_reset_kernel, "bf16", ("gh_ptr", "ws_ptr"), {},
           RESET_GPU_CONFIGS, ""),
-    # input: ∂h (z, r terms + the workspace), ∂y for candidate y (z, r, o terms), ∂x for
-    # candidate x (o term only; ∂y then has the z, r terms, the ∂h variant's loop).
+    # input, as the launcher runs it: ∂h (z, r terms + the workspace), ∂y (z; r from round 2; o
+    # for candidate y) and for candidate x ∂x (o term only).
     *(
         _spec(f"gru_bwd.input[{which}]", _gru_bwd_input_kernel, dtype, ("add_ptr", "out_ptr"),
               {"USE_Z": z, "USE_R": r, "USE_O": o, "HAS_ADD": add}, INPUT_GPU_CONFIGS,
@@ -791,6 +799,12 @@ COMPILE_SPECS = [
             ("y,cand=y", "bf16", True, True, True, False, (),
              ", ∂y = [gz, gr, gp] [W_z; W_r; W_o][:, dh:]"),
             ("x,cand=x", "fp16", False, False, True, False, (), ", ∂x = gp W_o[:, dh:]"),
+            ("y,cand=x", "bf16", True, True, False, False, (),
+             ", ∂y = [gz, gr] [W_z; W_r][:, dh:]"),
+            # round 1 (h = 0): no reset gradient
+            ("y,h=0,cand=y", "bf16", True, False, True, False, (),
+             ", ∂y = [gz, gp] [W_z; W_o][:, dh:]"),
+            ("y,h=0,cand=x", "bf16", True, False, False, False, (), ", ∂y = gz W_z[:, dh:]"),
         )
     ),
     *(
@@ -800,6 +814,7 @@ COMPILE_SPECS = [
               unaligned=("out_ptr", "stride_out", "stride_slab"))
         for suffix, dtype, det, note in (
             ("", "bf16", False, ", [gz, gr, gp]^T y, fp32 atomics"),
+            ("[deterministic]", "bf16", True, ", per-group partial slabs"),
             ("[fp16,deterministic]", "fp16", True, ", per-group partial slabs"),
         )
     ),
