@@ -46,3 +46,9 @@ class KernelSpec:
     tensor_cores: bool = True
     note: str = ""
     known_spills: dict[int, int] = field(default_factory=dict)
+
+
+def variant_name(name: str, *tags: str) -> str:
+    """A spec's name for one variant: ``variant_name("gru.gates", "h=0", "tanh")`` is
+    ``"gru.gates[h=0,tanh]"``; no tags, the name itself."""
+    return f"{name}[{','.join(tags)}]" if tags else name

@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..compile_spec import KernelSpec
+from ..compile_spec import KernelSpec, variant_name
 from ..dropout import drop_threshold, keep_mask, stream_key
 from ..utils import (
     INTERPRET,
@@ -1011,13 +1011,12 @@ def _flags_of(flags: dict[str, bool]) -> dict[str, bool]:
     return {k: v for k, v in flags.items() if k != "RECOMPUTE"}
 
 
-def _tagged(suffix: str, flags: dict[str, bool]) -> str:
-    """The variant's name suffix: ``"[fp16]"`` with ``RECOMPUTE=False`` → ``"[fp16,saved]"``;
-    the default switches (recompute, dropout, atomics) add no tag."""
+def _tagged(name: str, variant: str, flags: dict[str, bool]) -> str:
+    """The spec name of a variant (``variant``: ``""``, ``"fp16"``, ``"r=64"``) with these
+    switches: ``"...gate_up[fp16,saved]"``; the defaults (recompute, dropout, atomics) add no
+    tag."""
     tags = [t for (k, v), t in _TAGS.items() if flags.get(k, not v) == v]
-    if not tags:
-        return suffix
-    return "[" + ",".join(([suffix[1:-1]] if suffix else []) + tags) + "]"
+    return variant_name(name, *[variant] * bool(variant), *tags)
 
 
 def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
@@ -1067,12 +1066,11 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
     shape = f"n={n}, r={rank}, {dt}"
     wide = rank > 16
     for flags in _flag_variants(suffix):
-        tagged = _tagged(suffix, flags)
-        recompute = flags.get("RECOMPUTE", True)
+        recompute = flags["RECOMPUTE"]
         mode = (("dropout on" if flags["HAS_DROPOUT"] else "no dropout")
                 + ("; deterministic" if flags["DETERMINISTIC"] else "; atomic reductions"))
         specs.append(KernelSpec(
-            name=f"expert.backward.gate_up{tagged}",
+            name=_tagged("expert.backward.gate_up", suffix[1:-1], flags),
             fn=_gate_up_backward_kernel,
             types={**dict.fromkeys(gu_ptrs, ptr), **dict.fromkeys(gu_f32, "*fp32"),
                    "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
@@ -1086,12 +1084,11 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
                    "the forward's saved G, U")
                   + f" + per-slot LoRA + SwiGLU backward + ∂w, da ({mode}; {shape})"),
         ))
-        if "RECOMPUTE" in flags and not recompute:
+        if not recompute:
             continue  # the other two kernels have no such switch
-        tagged = _tagged(suffix, {k: v for k, v in flags.items() if k != "RECOMPUTE"})
         specs += [
             KernelSpec(
-                name=f"expert.backward.gate_up_wgrad{tagged}",
+                name=_tagged("expert.backward.gate_up_wgrad", suffix[1:-1], flags),
                 fn=_gate_up_wgrad_kernel,
                 types={**dict.fromkeys(wg_ptrs, ptr), **dict.fromkeys(wg_f32, "*fp32"),
                        "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",
@@ -1105,7 +1102,7 @@ def _compile_specs(suffix: str, dt: str, n: int, rank: int) -> list[KernelSpec]:
                      f"({mode}; {shape})",
             ),
             KernelSpec(
-                name=f"expert.backward.dx{tagged}",
+                name=_tagged("expert.backward.dx", suffix[1:-1], flags),
                 fn=_dx_kernel,
                 types={**dict.fromkeys(dx_ptrs, ptr), **dict.fromkeys(dx_f32, "*fp32"),
                        "idx_ptr": "*i64", "keys_ptr": "*i64", "order_ptr": "*i32",

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..compile_spec import KernelSpec
+from ..compile_spec import KernelSpec, variant_name
 from ..dropout import drop_threshold, keep_mask, stream_key
 from ..utils import (
     INTERPRET,
@@ -726,12 +726,6 @@ _GATE_UP_ALIGNED = ("x_ptr", "wg_ptr", "wu_ptr", "a_gu_ptr", "bg_ptr", "bu_ptr",
                     "stride_wu", "stride_hm", "M_BUCKET")
 _GATE_UP_SHAPE = {"RANK": _RANK, "R_PAD": padded_rank(_RANK), "NUM_EXPERTS": _NUM_EXPERTS,
                   "TOP_K": _TOP_K, "INTERP_BF16": False}
-def _variant_tag(dropout: bool, save_base: bool, deterministic: bool) -> str:
-    """``""`` for the training variant with dropout and atomics; else e.g. ``"[save_base]"``,
-    ``"[no dropout,deterministic]"``."""
-    tags = ["no dropout"] * (not dropout) + ["save_base"] * save_base + (
-        ["deterministic"] * deterministic)
-    return f"[{','.join(tags)}]" if tags else ""
 
 
 COMPILE_SPECS = [
@@ -757,7 +751,8 @@ COMPILE_SPECS = [
     # from one to another): dropout (training) or none (inference, or lora_dropout=0), the
     # base products stored for backward or not, atomic or deterministic a_mix.
     *(KernelSpec(
-        name="expert.gate_up" + _variant_tag(dropout, save_base, deterministic),
+        name=variant_name("expert.gate_up", *["no dropout"] * (not dropout),
+                          *["save_base"] * save_base, *["deterministic"] * deterministic),
         fn=_expert_gate_up_kernel,
         types=_GATE_UP_TYPES,
         constexprs={**_GATE_UP_SHAPE, "HAS_DROPOUT": dropout, "DETERMINISTIC": deterministic,

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..compile_spec import KernelSpec
+from ..compile_spec import KernelSpec, variant_name
 from ..utils import (
     ceil_to,
     check_activation,
@@ -488,15 +488,13 @@ def fused_lowrank_gru(
     return h_new, x_next
 
 
+def gru_variant_tags(has_h: bool, cand_x: bool, tanh: bool) -> list[str]:
+    """The spec-name tags of a GRU variant: none for rounds ≥ 2 with candidate y and sigmoid."""
+    return ["h=0"] * (not has_h) + ["cand=x"] * cand_x + ["tanh"] * tanh
+
+
 # llama3-8b (design.md §4): d=4096, dh=409 (rows packed to dh_pad=416, gate row stride 4512), bf16.
 # The sizes are runtime arguments, so only the dtypes, flags and alignment shape the code.
-def gru_variant_tag(has_h: bool, cand_x: bool, tanh: bool, *more: str) -> str:
-    """``""`` for rounds ≥ 2 with candidate y and sigmoid; else e.g. ``"[h=0,cand=x,tanh]"``
-    (``more``: further tags, as the backward's ``"deterministic"``)."""
-    tags = ["h=0"] * (not has_h) + ["cand=x"] * cand_x + ["tanh"] * tanh + list(more)
-    return f"[{','.join(tags)}]" if tags else ""
-
-
 _D, _DH = 4096, 409
 _GATES_TYPES = {
     **{p: "*bf16" for p in ("h_ptr", "y_ptr", "x_ptr", "wz_ptr", "wr_ptr", "wo_ptr", "bo_ptr",
@@ -516,7 +514,7 @@ COMPILE_SPECS = [
     # or x (a second activation tile per K step), sigmoid or tanh.
     *(
         KernelSpec(
-            name="gru.gates" + gru_variant_tag(has_h, cand_x, tanh),
+            name=variant_name("gru.gates", *gru_variant_tags(has_h, cand_x, tanh)),
             fn=_gru_gates_kernel,
             types=_GATES_TYPES,
             constexprs={"HAS_H": has_h, "CAND_X": cand_x, "CAND_TANH": tanh,
@@ -529,7 +527,7 @@ COMPILE_SPECS = [
         for has_h, cand_x, tanh in itertools.product((True, False), (False, True), (False, True))
     ),
     *(KernelSpec(
-        name="gru.update" + gru_variant_tag(True, False, tanh),
+        name=variant_name("gru.update", *gru_variant_tags(True, False, tanh)),
         fn=_gru_update_kernel,
         types={
             **{p: "*bf16" for p in ("h_ptr", "rh_ptr", "wo_ptr", "hnew_ptr")},

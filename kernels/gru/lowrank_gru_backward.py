@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..compile_spec import KernelSpec
+from ..compile_spec import KernelSpec, variant_name
 from ..utils import (
     ceil_to,
     check_activation,
@@ -82,7 +82,7 @@ from .lowrank_gru import (
     _candidate_activation,
     _pack_gate_weights,
     gate_preactivations,
-    gru_variant_tag,
+    gru_variant_tags,
 )
 
 __all__ = ["TOKEN_GROUPS", "GRUBackward", "lowrank_gru_backward"]
@@ -761,7 +761,8 @@ COMPILE_SPECS = [
     # 1: the fused elementwise backward and the ∂b_o reduction in the epilogue; candidate x: a
     # second activation tile per K step), and rounds ≥ 2 with candidate x in fp16.
     *(
-        _spec("gru_bwd.gates" + gru_variant_tag(has_h, cand_x, tanh, *["deterministic"] * det),
+        _spec(variant_name("gru_bwd.gates", *gru_variant_tags(has_h, cand_x, tanh),
+                           *["deterministic"] * det),
               _gru_bwd_gates_kernel, "bf16", ("gh_ptr", "ws_ptr", "bias_ptr"),
               {"HAS_H": has_h, "CAND_X": cand_x, "CAND_TANH": tanh, "DETERMINISTIC": det},
               GATES_BWD_GPU_CONFIGS, (", rounds ≥ 2" if has_h else ", round 1")
