@@ -12,7 +12,10 @@ gradients, and the activation backward in one elementwise pass.
 
 These are estimates of a floor, not measurements: a kernel reaches its floor only at cuBLAS-like
 efficiency. Their use is the ratio, which says how much of the round's cost the design adds on
-top of the dense MLP, and which term to attack first.
+top of the dense MLP, and which term to attack first. Each row names the Triton kernels that do
+its work (``Kernel.launches``), so :func:`compare_kernels` can set a profiled step's device
+times against the rows' floors (``bench.gpu_check``), and counts the fp32 atomic adds of its
+reductions apart (they resolve in L2, outside the floor).
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ def graphmoe_round(s: BenchShape, recompute: bool, order: str = "routing") -> li
 
     def tiles(extent: int, name: str, per: dict[str, int]) -> int:
         return -(-extent // per[name])
+
     fwd = [
         Kernel("router + top-k", gemm(m, n, d), act_d + m * n * B32, ("_router_topk_kernel",)),
         Kernel("lora_in: c·x·[A_G; A_U]ᵀ", gemm(m, 2 * nr, d), act_d + 2 * nr * d * B16,
