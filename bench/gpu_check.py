@@ -263,11 +263,14 @@ def markdown(results: dict[str, Any]) -> str:
                      else ""), ""]
     kernels = bench.get("kernels", {})
     if "median_ms" in kernels:
-        lines += ["## One round's kernels (forward)", ""] + _table(
-            (*kernels["median_ms"], "round", "GRU share", "routing order speed-up"),
+        lines += ["## One round's kernels (forward; the experts' backward beside them)",
+                  ""] + _table(
+            (*kernels["median_ms"], "forward round", "GRU share",
+             "routing order speed-up (gate_up)", "routing order speed-up (experts' backward)"),
             [(*(_fmt(v, " ms") for v in kernels["median_ms"].values()),
               _fmt(kernels["round_ms"], " ms"), _fmt(100 * kernels["gru_share"], " %"),
-              _fmt(kernels.get("routing_order_speedup"), "×"))]) + [""]
+              _fmt(kernels.get("routing_order_speedup"), "×"),
+              _fmt(kernels.get("routing_order_speedup_backward"), "×"))]) + [""]
     lines += profile_lines(bench.get("kernel_profile", {}), results["dry_run"])
     sweep = {k: v for k, v in bench.get("rounds_T1_to_T5", {}).items() if k.startswith("T=")}
     if sweep:

@@ -437,9 +437,16 @@ def round_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]
 
 def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
     """The raw kernels of one round, forward, as the triton backend calls them; the GRU share of
-    a non-final round = GRU / (router + gate_up + down + GRU); and gate_up with the tokens in
-    their order (``sort_tokens=False``) against the routing order it runs in."""
-    from graphmoe_fused.kernels.expert import expert_down, expert_gate_up, expert_lora_layout
+    a non-final round = GRU / (router + gate_up + down + GRU); and what visiting the tokens in
+    routing order saves: gate_up and the experts' backward (``expert_round_backward``, the base
+    products saved, as training runs it) with the tokens in their order (``sort_tokens=False``)
+    against routing order."""
+    from graphmoe_fused.kernels.expert import (
+        expert_down,
+        expert_gate_up,
+        expert_lora_layout,
+        expert_round_backward,
+    )
     from graphmoe_fused.kernels.gru import fused_lowrank_gru
     from graphmoe_fused.kernels.routing import fused_router_topk
 
@@ -451,9 +458,18 @@ def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any
         lora = expert_lora_layout(p.lora_A_gate, p.lora_B_gate, p.lora_A_up, p.lora_B_up,
                                   p.lora_A_down, p.lora_B_down)
         _, weights, experts = fused_router_topk(x, p.router_weight, s.top_k)
-        h_mix, a_mix = expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights, experts, c)
+        base = (torch.empty(s.tokens, s.intermediate, dtype=x.dtype, device=x.device),
+                torch.empty(s.tokens, s.intermediate, dtype=x.dtype, device=x.device))
+        h_mix, a_mix = expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights, experts, c,
+                                      base_out=base)
         y = expert_down(h_mix, p.down_weight, lora, a_mix, c)
         h = harness.make_tensor(ctx, s.tokens, s.dh, seed=5)
+        grad_y = harness.make_tensor(ctx, s.tokens, s.d, seed=6)
+
+    def backward(sort_tokens: bool) -> Any:
+        return expert_round_backward(x, grad_y, p.gate_weight, p.up_weight, p.down_weight, lora,
+                                     weights, experts, a_mix, c, saved_gate_up=base,
+                                     sort_tokens=sort_tokens)
     calls = {
         "router": lambda: fused_router_topk(x, p.router_weight, s.top_k),
         "gate_up": lambda: expert_gate_up(x, p.gate_weight, p.up_weight, lora, weights,
@@ -464,13 +480,17 @@ def kernel_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any
         "down": lambda: expert_down(h_mix, p.down_weight, lora, a_mix, c),
         "gru": lambda: fused_lowrank_gru(h, y, x, p.gru_weight_z, p.gru_weight_r,
                                          p.gru_weight_o, p.gru_bias_o, p.gru_weight_g),
+        "experts_backward": lambda: backward(True),
+        "experts_backward_unsorted": lambda: backward(False),
     }
     steps = {n: harness.function_step(ctx, fn, None, []) for n, fn in calls.items()}
     times = interleaved(steps, rounds, warmup)
     medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    round_ms = sum(v for n, v in medians.items() if n != "gate_up_unsorted")
+    round_ms = sum(medians[n] for n in ("router", "gate_up", "down", "gru"))
     return {"median_ms": medians, "round_ms": round_ms, "gru_share": medians["gru"] / round_ms,
-            "routing_order_speedup": paired_ratio(times, "gate_up_unsorted", "gate_up")}
+            "routing_order_speedup": paired_ratio(times, "gate_up_unsorted", "gate_up"),
+            "routing_order_speedup_backward": paired_ratio(times, "experts_backward_unsorted",
+                                                           "experts_backward")}
 
 
 def device_kernels(events: Any, steps: int) -> dict[str, tuple[float, float]]:

@@ -47,6 +47,8 @@ def test_dry_run_passes_every_step(tmp_path):
         layer["fwd_bwd"]["triton"])
     assert "## Headline" in report
     assert "| `triton` |" in report and "| `mixlora` |" in report
+    kernels = results["steps"]["benchmarks"]["checks"]["kernels"]
+    assert {"routing_order_speedup", "routing_order_speedup_backward"} <= set(kernels)
     # No device kernels on a CPU: the profile's groups carry the floors of the tiny shape.
     prof = results["steps"]["benchmarks"]["checks"]["kernel_profile"]
     assert prof["kernel_ms"] == 0 and prof["floor_ms"] > 0
