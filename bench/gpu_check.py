@@ -307,7 +307,8 @@ def profile_lines(prof: dict[str, Any], dry_run: bool) -> list[str]:
         return re.sub(r"\b_(\w+?)_kernel\b", r"\1", name)
 
     rows = [(short(g["name"]), "; ".join(g["rows"]), g["calls"], _fmt(1e3 * g["measured_s"], " ms"),
-             _fmt(1e3 * g["floor_s"], " ms"), _fmt(g["ratio"], "×")) for g in prof["groups"]]
+             _fmt(1e3 * g["floor_s"], " ms"), _fmt(g["ratio"], "×"),
+             _fmt(g["atomics"] / 1e6, " MB") if g["atomics"] else "") for g in prof["groups"]]
     return [f"## One training step's device kernels against the roofline ({prof['gpu_spec']} "
             "floors)", "",
             f"triton fwd+bwd, `torch.profiler` (CUDA activity), per step: kernels "
@@ -316,7 +317,7 @@ def profile_lines(prof: dict[str, Any], dry_run: bool) -> list[str]:
             f"{_fmt(prof['floor_ms'], ' ms')} (`bench/roofline.py`, data-sheet peaks)."
             + (" Dry run: no device kernels, the floors of the tiny shape." if dry_run else ""),
             ""] + _table(("kernels", "roofline rows", "calls", "device time", "floor",
-                          "× floor"), rows) + [""]
+                          "× floor", "fp32 atomics (L2, outside the floor)"), rows) + [""]
 
 
 def correctness_lines(checks: dict[str, Any]) -> list[str]:

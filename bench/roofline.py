@@ -252,6 +252,7 @@ class KernelGroup:
     calls: float  # per step
     measured_s: float
     floor_s: float
+    atomics: float  # bytes of fp32 atomic adds per step (Kernel.atomics), outside the floor
 
     @property
     def ratio(self) -> float | None:
@@ -285,7 +286,8 @@ def compare_kernels(kernels: Sequence[Kernel], gpu: str, rounds: int,
     for name, hit in measured.items():
         found.setdefault(_named_by(name, launches) or TORCH_OPS, []).append(hit)
     return [KernelGroup(key, tuple(r.name for r in rows), sum(c for c, _ in found.get(key, [])),
-                        sum(t for _, t in found.get(key, [])), step_floor(rows, gpu, rounds))
+                        sum(t for _, t in found.get(key, [])), step_floor(rows, gpu, rounds),
+                        sum(r.atomics * (rounds - r.between_rounds) for r in rows))
             for key, rows in groups.items()]
 
 

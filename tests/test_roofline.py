@@ -170,8 +170,12 @@ def test_profiled_kernels_are_set_against_the_rows_that_name_them():
     no_launch = [r for r in rows if not r.launches]
     assert {r.between_rounds for r in no_launch} == {True, False}
     assert torch_ops.floor_s == pytest.approx(step_floor(no_launch, "H100", 3))
-    # Nothing measured: no ratio; the groups' floors add up to the step's.
-    assert groups["_gate_up_wgrad_kernel"].ratio is None
+    # Nothing measured: no ratio; the groups' floors add up to the step's; the weight gradients'
+    # atomics once per round.
+    wgrad = groups["_gate_up_wgrad_kernel"]
+    assert wgrad.ratio is None
+    (row,) = [r for r in rows if r.launches == ("_gate_up_wgrad_kernel",)]
+    assert wgrad.atomics == pytest.approx(3 * row.atomics) and torch_ops.atomics == 0
     assert sum(g.floor_s for g in groups.values()) == pytest.approx(step_floor(rows, "H100", 3))
     assert sum(g.calls for g in groups.values()) == sum(c for c, _ in measured.values())
 
