@@ -9,7 +9,8 @@ hanging step (or a CUDA error that poisons its process) does not eat the others:
 2. ``correctness``: triton vs torch vs reference at ``llama3-8b`` (256 tokens) and at odd sizes
    (d = 4000, D' = 11000, 777 tokens), bf16 and fp16, forward and every gradient against the
    reference in fp32, recompute both ways, dropout on and off, outputs poisoned with NaN;
-   determinism; a tiny HF model's training step on the triton backend;
+   determinism; a tiny HF model's training step on the triton backend; each check in its own
+   process, several at once (their Triton compiles spread over the cores);
 3. ``benchmarks``: ``llama3-8b``, bf16, T = 3, 8192 tokens: dense, reference, MixLoRA-style,
    torch, triton, interleaved; each round kernel; every kernel of a profiled training step
    against its roofline floor; T = 1..5; GRU share; memory;
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run these steps, in this order (default: all four)")
     parser.add_argument("--step-timeout", type=float, help="seconds per step (all steps)")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # child: run one step
+    parser.add_argument("--check", help=argparse.SUPPRESS)  # ... or only this check of it
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -69,14 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _child(args: argparse.Namespace) -> int:
     import faulthandler
+    import signal
 
-    # Where a step hangs: its stacks, a few seconds before the parent kills it.
+    # Where a step hangs: its stacks, a few seconds before the parent kills it, or when a
+    # parent running its checks in processes stops one (SIGTERM, then SIGKILL).
     stack = open(args.result + ".stack", "w", encoding="utf-8")  # noqa: SIM115 - lives on
     faulthandler.dump_traceback_later(max(1.0, args.deadline - time.time() - 3), file=stack)
+    faulthandler.register(signal.SIGTERM, file=stack, chain=False)
     from bench.gpu_check_steps import run_step
 
     budget = args.deadline - time.time()
-    return run_step(args.step, args.dry_run, args.result, args.deadline, margin=0.1 * budget)
+    return run_step(args.step, args.dry_run, args.result, args.deadline, margin=0.1 * budget,
+                    only=args.check)
 
 
 def child_env(step: str, dry_run: bool, cache: str) -> dict[str, str]:
@@ -118,16 +124,16 @@ def run_step_process(step: str, dry_run: bool, timeout: float, work: str, log: A
     statuses = [c["status"] for c in entry["checks"].values()]
     if code is None:
         entry["status"] = "TIMEOUT"
-        entry["traceback"] = _read(result + ".stack") or f"killed after {timeout:.0f} s"
+        entry["traceback"] = read_text(result + ".stack") or f"killed after {timeout:.0f} s"
     elif code != 0:
         entry["status"] = "FAIL"
-        entry["traceback"] = _last_traceback(log.name, log_start) or f"exit status {code}"
+        entry["traceback"] = last_traceback(log.name, log_start) or f"exit status {code}"
     else:
         entry["status"] = "FAIL" if "FAIL" in statuses else "PASS"
     return entry
 
 
-def _read(path: str, offset: int = 0) -> str:
+def read_text(path: str, offset: int = 0) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             f.seek(offset)
@@ -136,9 +142,9 @@ def _read(path: str, offset: int = 0) -> str:
         return ""
 
 
-def _last_traceback(log_path: str, offset: int) -> str:
+def last_traceback(log_path: str, offset: int) -> str:
     """The last traceback the step's process wrote to the log (from ``offset`` on)."""
-    text = _read(log_path, offset)
+    text = read_text(log_path, offset)
     at = text.rfind("Traceback (most recent call last)")
     return text[at:].strip()[-6000:] if at >= 0 else ""
 

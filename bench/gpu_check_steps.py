@@ -51,7 +51,9 @@ CASES = ((torch.bfloat16, True, 0.0), (torch.bfloat16, False, 0.05),
 FACTOR = {"y": 2.0, "probs": 2.0, "grad": {torch.bfloat16: 5.0, torch.float16: 2.0}}
 ABS_CAP = 0.05  # and never above this, whatever the reference's error
 MIN_AGREE = 0.5  # share of tokens routed alike by every backend and the truth, at least
-INJECT_ENV = "GRAPHMOE_GPU_CHECK_INJECT"  # tests: "step:raise" or "step:hang", comma-separated
+# Tests: "step:raise", "step:hang" or "step.check:..." (a check run in its own process),
+# comma-separated.
+INJECT_ENV = "GRAPHMOE_GPU_CHECK_INJECT"
 
 
 class Skip(Exception):
@@ -79,6 +81,9 @@ class Recorder:
             except Exception:  # noqa: BLE001 - recorded, the next check runs
                 entry = {"status": "FAIL", "traceback": traceback.format_exc()}
         entry["seconds"] = round(time.perf_counter() - start, 2)
+        return self.record(name, entry)
+
+    def record(self, name: str, entry: dict[str, Any]) -> dict[str, Any]:
         print(f"[check] {name}: {entry['status']} ({entry['seconds']} s)"
               + (f" {entry.get('reason', '')}" if entry["status"] == "SKIP" else ""), flush=True)
         if entry["status"] == "FAIL" and "traceback" in entry:
@@ -99,6 +104,7 @@ class StepContext:
     dry_run: bool
     device: torch.device
     rec: Recorder
+    only: str | None = None  # run this one check of the step (a process of run_in_processes)
 
 
 def device_for(dry_run: bool) -> torch.device:
@@ -350,24 +356,110 @@ def hf_training_step(sc: StepContext) -> dict[str, Any]:
             "params_finite_after_step": finite}
 
 
+def correctness_plan(sc: StepContext) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The step's checks, the main shape's first (they matter most if the time box runs out).
+    The interpreter is slow (seconds per backward): a dry run takes one case per shape, both
+    dtypes and recompute modes between them."""
+    main, odd = DRY_SHAPES if sc.dry_run else GPU_CHECK_SHAPES
+    cases = {main: [CASES[1]], odd: [CASES[2]]} if sc.dry_run else {main: CASES, odd: CASES}
+
+    def case(shape: BenchShape, dtype: torch.dtype, recompute: bool, dropout: float
+             ) -> tuple[str, Callable[[], dict[str, Any]]]:
+        name = (f"{shape.name}/{str(dtype).removeprefix('torch.')}/"
+                f"recompute={recompute}/dropout={dropout}")
+        return name, lambda: correctness_case(sc, shape, dtype, recompute, dropout)
+
+    return ([case(main, *c) for c in cases[main]]
+            + [("determinism", lambda: determinism(sc, main)),
+               ("hf_training_step", lambda: hf_training_step(sc))]
+            + [case(odd, *c) for c in cases[odd]])
+
+
 def step_correctness(sc: StepContext) -> None:
     if sc.device.type == "cpu" and not harness.triton_runnable(sc.device):
         raise RuntimeError("dry run without TRITON_INTERPRET=1")
     torch.backends.cuda.matmul.allow_tf32 = False
-    main, odd = DRY_SHAPES if sc.dry_run else GPU_CHECK_SHAPES
-    # The main shape first: the checks that matter most run before a time box can cut the
-    # step short. The interpreter is slow (seconds per backward): a dry run takes one case
-    # per shape, both dtypes and recompute modes between them.
-    plan = ([(main, CASES[1]), (odd, CASES[2])] if sc.dry_run
-            else [(s, case) for s in (main, odd) for case in CASES])
-    for i, (shape, (dtype, recompute, dropout)) in enumerate(plan):
-        name = (f"{shape.name}/{str(dtype).removeprefix('torch.')}/"
-                f"recompute={recompute}/dropout={dropout}")
-        sc.rec.check(name, lambda s=shape, d=dtype, r=recompute, p=dropout:
-                     correctness_case(sc, s, d, r, p))
-        if plan[i + 1 :] and plan[i + 1][0] is not main and shape is main:
-            sc.rec.check("determinism", lambda: determinism(sc, main))
-            sc.rec.check("hf_training_step", lambda: hf_training_step(sc))
+    plan = correctness_plan(sc)
+    if sc.only is not None:
+        checks = dict(plan)
+        if sc.only not in checks:
+            raise ValueError(f"no correctness check {sc.only!r}; there are {list(checks)}")
+        sc.rec.check(sc.only, checks[sc.only])
+        return
+    workers = 2 if sc.dry_run else max(1, (os.cpu_count() or 1) - 2)
+    run_in_processes(sc, "correctness", [name for name, _ in plan], workers)
+
+
+def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int) -> None:
+    """Runs each check of ``step`` in its own process, ``workers`` at a time, and records each
+    as its process ends (in ``names``' order once all have); a check still running at the time
+    box is stopped (its stack recorded).
+
+    Triton compiles on one core, in the process that launches, and a new dtype, switch or
+    divisibility compiles every autotune config of every kernel it reaches: this step reaches
+    about 500 (under a second each), more than its time box in one process. Spread over the
+    machine's cores, they are not. The processes tune under each other's load, so their autotune
+    results stay off the disk cache; the compiled kernels are shared through it.
+    """
+    from bench.gpu_check import last_traceback, read_text
+
+    # Stopping takes a few seconds: the stacks, the kill, this process's own exit.
+    work, stop = os.path.dirname(sc.rec.path), sc.rec.deadline - sc.rec.margin - 5
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    queue = list(enumerate(names))
+    running: dict[str, tuple[subprocess.Popen, str, float]] = {}
+    while queue or running:
+        while queue and len(running) < workers and time.time() < stop:
+            i, name = queue.pop(0)
+            path = os.path.join(work, f"{step}-{i}.json")
+            cmd = [sys.executable, "-m", "bench.gpu_check", "--step", step, "--check", name,
+                   "--result", path, "--deadline", str(sc.rec.deadline)]
+            with open(path + ".log", "w", encoding="utf-8") as log:
+                proc = subprocess.Popen(cmd + (["--dry-run"] if sc.dry_run else []), cwd=root,
+                                        env=env, stdout=log, stderr=subprocess.STDOUT)
+            print(f"[process] {name}: started (pid {proc.pid})", flush=True)
+            running[name] = (proc, path, time.perf_counter())
+        if queue and time.time() >= stop:
+            for _, name in queue:
+                sc.rec.record(name, {"status": "SKIP", "reason": "the step's time box is spent",
+                                     "seconds": 0.0})
+            queue = []
+        late = time.time() >= stop
+        if late:  # SIGTERM dumps each stack (bench.gpu_check._child); then they go
+            for proc, _, _ in running.values():
+                proc.terminate()
+            time.sleep(2)
+        for name, (proc, path, started) in list(running.items()):
+            if proc.poll() is None and not late:
+                continue
+            unfinished = proc.poll() is None
+            if unfinished:
+                proc.kill()
+            proc.wait()
+            del running[name]
+            seconds = round(time.perf_counter() - started, 2)
+            print(f"{read_text(path + '.log')}\n[process] {name}: exit status "
+                  f"{proc.returncode} after {seconds} s", flush=True)
+            entry = _read_json(path).get("checks", {}).get(name)
+            if unfinished:
+                entry = {"status": "FAIL", "reason": f"still running at the step's time box, "
+                         f"after {seconds} s", "traceback": read_text(path + ".stack")}
+            elif entry is None:
+                entry = {"status": "FAIL", "traceback": last_traceback(path + ".log", 0)
+                         or f"exit status {proc.returncode}"}
+            sc.rec.record(name, {"seconds": seconds, **entry, "process_s": seconds})
+        time.sleep(0.2)
+    sc.rec.checks = {name: sc.rec.checks[name] for name in names}  # in plan order again
+    sc.rec.flush()
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 # --------------------------------------------------------------------------- 3. benchmarks
@@ -675,10 +767,12 @@ STEPS: dict[str, Callable[[StepContext], None]] = {
 }
 
 
-def run_step(name: str, dry_run: bool, result_path: str, deadline: float, margin: float) -> int:
-    """The child's side: runs step ``name``, its checks recorded in ``result_path``."""
+def run_step(name: str, dry_run: bool, result_path: str, deadline: float, margin: float,
+             only: str | None = None) -> int:
+    """The child's side: runs step ``name`` (or only its check ``only``), its checks recorded
+    in ``result_path``."""
     rec = Recorder(result_path, deadline, margin)
     rec.flush()
-    inject(name)
-    STEPS[name](StepContext(dry_run, device_for(dry_run), rec))
+    inject(name if only is None else f"{name}.{only}")
+    STEPS[name](StepContext(dry_run, device_for(dry_run), rec, only))
     return 0

@@ -89,3 +89,23 @@ def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     assert "inject" in steps["benchmarks"]["traceback"]  # the hung step's stack
     assert steps["environment"]["status"] == "PASS"
     assert "## correctness: FAIL" in report and "## benchmarks: TIMEOUT" in report
+
+
+def test_a_failing_or_hanging_check_process_is_recorded_and_the_others_run(tmp_path):
+    # correctness runs each check in its own process: one raising and one hanging (stopped at
+    # the time box, its stack recorded) cost only themselves.
+    done, results, _ = run_check(
+        tmp_path, "--only", "correctness", "--step-timeout", "30",
+        env={"GRAPHMOE_GPU_CHECK_INJECT":
+             "correctness.determinism:raise,correctness.hf_training_step:hang"})
+    assert done.returncode == 1
+    step = results["steps"]["correctness"]
+    assert step["status"] == "FAIL" and step["seconds"] < 30
+    checks = step["checks"]
+    assert "failure injected into step 'correctness.determinism'" in checks["determinism"][
+        "traceback"]
+    hung = checks["hf_training_step"]
+    assert hung["status"] == "FAIL" and "still running" in hung["reason"]
+    assert "inject" in hung["traceback"]  # its stack, dumped on SIGTERM
+    first = next(iter(checks))
+    assert first.startswith("dry/") and checks[first]["status"] == "PASS"
