@@ -284,6 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
             tuple(sweep), [tuple(f"{_fmt(v['median_ms'], ' ms')} ({_fmt(v['vs_T1'], '×')})"
                                  for v in sweep.values())]) + [""]
     lines += correctness_lines(steps.get("correctness", {}).get("checks", {}))
+    lines += autotune_lines(bench.get("autotune", {}).get("tunings", {}))
     compiled = steps.get("compile", {}).get("checks", {}).get("compile_report", {})
     if "compiles" in compiled:
         lines += [f"## Compile report (sm_{compiled['arch']})", "",
@@ -324,6 +325,24 @@ def profile_lines(prof: dict[str, Any], dry_run: bool) -> list[str]:
             + (" Dry run: no device kernels, the floors of the tiny shape." if dry_run else ""),
             ""] + _table(("kernels", "roofline rows", "calls", "device time", "floor",
                           "× floor", "fp32 atomics (L2, outside the floor)"), rows) + [""]
+
+
+def autotune_lines(tunings: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each tuning of the benchmarks step: the config chosen and how far the others were."""
+    rows = []
+    for kernel, entries in tunings.items():
+        for e in entries:
+            ms = sorted(e["ms"].values())
+            rows.append((kernel, f"`{e['key']}`", len(ms), f"`{e['chosen']}`",
+                         _fmt(ms[0] if ms else None, " ms"),
+                         _fmt(ms[1] / ms[0] if len(ms) > 1 else None, "×"),
+                         _fmt(ms[-1] / ms[0] if len(ms) > 1 else None, "×")))
+    if not rows:
+        return []
+    return ["## Autotuning in the benchmarks step", "",
+            "Per kernel and tuning key: the configs timed, the one chosen, the next best and the "
+            "worst relative to it (every config's time: the JSON's `autotune`).", ""] + _table(
+        ("kernel", "key", "configs", "chosen", "time", "next best", "worst"), rows) + [""]
 
 
 def correctness_lines(checks: dict[str, Any]) -> list[str]:

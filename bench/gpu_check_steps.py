@@ -660,10 +660,51 @@ def _free(ctx: BenchContext) -> None:
         torch.cuda.empty_cache()
 
 
+def autotuners() -> dict[str, Any]:
+    """Every autotuned kernel launcher of the package, by ``module.attribute``."""
+    import importlib
+    import pkgutil
+
+    import graphmoe_fused.kernels as package
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(info.name)
+        for attr, value in vars(module).items():
+            if isinstance(value, Autotuner):
+                found[f"{info.name.removeprefix(package.__name__ + '.')}.{attr}"] = value
+    return found
+
+
+def record_tunings(tuners: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Wraps each autotuner's ``run`` so that every tuning it does from now on in this process is
+    recorded: the key, each config's median time and the config chosen. What the next pruning of
+    the config lists (fewer compiles on a user's first step) goes by."""
+    record: dict[str, list[dict[str, Any]]] = {}
+    for name, tuner in tuners.items():
+        def run(*args: Any, _name: str = name, _tuner: Any = tuner, _run: Any = tuner.run,
+                **kwargs: Any) -> Any:
+            known = set(_tuner.cache)
+            out = _run(*args, **kwargs)
+            timings = getattr(_tuner, "configs_timings", None)
+            for key in set(_tuner.cache) - known:
+                ms = ({str(c): float(t[0] if isinstance(t, (list, tuple)) else t)
+                       for c, t in timings.items()} if isinstance(timings, dict) else {})
+                record.setdefault(_name, []).append(
+                    {"key": str(key), "chosen": str(_tuner.cache[key]), "ms": ms})
+            return out
+
+        tuner.run = run
+    return record
+
+
 def step_benchmarks(sc: StepContext) -> None:
     shape = DRY_BENCH if sc.dry_run else LLAMA
     ctx = bench_context(shape, sc.device)
     rounds, warmup = (1, 0) if sc.dry_run else (10, 3)
+    # The interpreter has one config per kernel and tunes nothing: a dry run records no tuning.
+    tunings = record_tunings(autotuners())
     sc.rec.check("config", lambda: {"shape": shape.as_info(), "timed_rounds": rounds,
                                     "warmup_calls": warmup, "device": str(sc.device),
                                     "timing": "interleaved, synchronize + perf_counter"})
@@ -672,6 +713,7 @@ def step_benchmarks(sc: StepContext) -> None:
     sc.rec.check("kernel_profile", lambda: kernel_profile(ctx, warmup))
     sc.rec.check("rounds_T1_to_T5", lambda: round_timings(ctx, rounds, warmup))
     sc.rec.check("memory", lambda: memory(ctx))
+    sc.rec.check("autotune", lambda: {"tunings": tunings})
 
 
 # --------------------------------------------------------------------------- 4. compile, tools

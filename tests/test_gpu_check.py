@@ -75,6 +75,31 @@ def test_device_kernels_counts_the_cuda_events_per_step():
     assert got == {"_dx_kernel": (1, pytest.approx(4e-4)), "Memset (Device)": (0.5, 1e-6)}
 
 
+def test_record_tunings_keeps_every_new_tuning_and_its_config_times():
+    from types import SimpleNamespace
+
+    from bench.gpu_check import autotune_lines
+    from bench.gpu_check_steps import autotuners, record_tunings
+
+    assert {"expert.backward._dx_tuned", "gru.lowrank_gru._gates_tuned"} <= set(autotuners())
+
+    def tune(key):  # an autotuner's run: a new key is benchmarked, a known one is not
+        if key not in tuner.cache:
+            tuner.configs_timings = {"cfg-a": [2.0, 1.9, 2.1], "cfg-b": [1.0, 0.9, 1.1]}
+            tuner.cache[key] = "cfg-b"
+        return key
+
+    tuner = SimpleNamespace(cache={("old",): "cfg-a"})
+    tuner.run = tune
+    record = record_tunings({"k": tuner})
+    assert [tuner.run(k) for k in (("old",), ("new",), ("new",))] == [("old",), ("new",),
+                                                                     ("new",)]
+    assert record == {"k": [{"key": "('new',)", "chosen": "cfg-b",
+                             "ms": {"cfg-a": 2.0, "cfg-b": 1.0}}]}
+    assert "| k | `('new',)` | 2 | `cfg-b` | 1 ms | 2× | 2× |" in "\n".join(
+        autotune_lines(record))
+
+
 def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     # --only keeps the order given: the step after the raising and the hanging ones still runs.
     done, results, report = run_check(
