@@ -381,10 +381,18 @@ def step_correctness(sc: StepContext) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     plan = correctness_plan(sc)
     if sc.only is not None:
-        checks = dict(plan)
-        if sc.only not in checks:
-            raise ValueError(f"no correctness check {sc.only!r}; there are {list(checks)}")
-        sc.rec.check(sc.only, checks[sc.only])
+        names = [name for name, _ in plan]
+        if sc.only not in names:
+            raise ValueError(f"no correctness check {sc.only!r}; there are {names}")
+        index = names.index(sc.only)
+        fn = plan[index][1]
+        # The first check tunes as users' runs do; the others each run one config per kernel,
+        # a different one each (the interpreter has one config: nothing to rotate).
+        if index and not sc.dry_run:
+            ran = rotate_configs(autotuners(), index)
+            sc.rec.check(sc.only, lambda: {**fn(), "configs": ran})
+        else:
+            sc.rec.check(sc.only, fn)
         return
     workers = 2 if sc.dry_run else max(1, (os.cpu_count() or 1) - 2)
     run_in_processes(sc, "correctness", [name for name, _ in plan], workers)
@@ -395,11 +403,13 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
     as its process ends (in ``names``' order once all have); a check still running at the time
     box is stopped (its stack recorded).
 
-    Triton compiles on one core, in the process that launches, and a new dtype, switch or
-    divisibility compiles every autotune config of every kernel it reaches: this step reaches
-    about 500 (under a second each), more than its time box in one process. Spread over the
-    machine's cores, they are not. The processes tune under each other's load, so their autotune
-    results stay off the disk cache; the compiled kernels are shared through it.
+    Triton compiles on one core, in the process that launches, and tuning compiles every
+    autotune config of every kernel a new dtype, switch or divisibility reaches: about 90 for a
+    training step, under a second each, and about 500 for the correctness step's ten checks,
+    more than its time box in one process. Spread over the cores (and, after the first check,
+    one config per kernel: ``rotate_configs``), they are not. The processes tune under each
+    other's load, so their autotune results stay off the disk cache; the compiled kernels are
+    shared through it.
     """
     from bench.gpu_check import last_traceback, read_text
 
@@ -697,6 +707,28 @@ def record_tunings(tuners: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
         tuner.run = run
     return record
+
+
+def rotate_configs(tuners: dict[str, Any], index: int) -> dict[str, list[str]]:
+    """Makes each autotuner run one config, the ``index``-th (cyclically) of those it would
+    time for the launch, instead of timing them all; returns which ran, per autotuner.
+
+    The correctness checks after the first run with different indices, so between them they
+    check most configs' results on the GPU (autotuning checks only the winner's) and compile a
+    fraction of what tuning would. Autotune results of these processes are not cached on disk
+    (``run_in_processes``)."""
+    ran: dict[str, list[str]] = {}
+    for name, tuner in tuners.items():
+        def prune(kwargs: dict[str, Any], _name: str = name, _prune: Any = tuner.prune_configs
+                  ) -> list[Any]:
+            pruned = _prune(kwargs)
+            config = pruned[index % len(pruned)]
+            if str(config) not in ran.setdefault(_name, []):
+                ran[_name].append(str(config))
+            return [config]
+
+        tuner.prune_configs = prune
+    return ran
 
 
 def step_benchmarks(sc: StepContext) -> None:

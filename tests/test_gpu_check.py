@@ -100,6 +100,19 @@ def test_record_tunings_keeps_every_new_tuning_and_its_config_times():
         autotune_lines(record))
 
 
+def test_rotate_configs_runs_the_index_th_of_the_configs_left_after_pruning():
+    from types import SimpleNamespace
+
+    from bench.gpu_check_steps import rotate_configs
+
+    tuner = SimpleNamespace(prune_configs=lambda kwargs: ["a", "b", "c"][:kwargs["keep"]])
+    ran = rotate_configs({"k": tuner}, index=4)
+    assert tuner.prune_configs({"keep": 3}) == ["b"]  # 4 mod 3
+    assert tuner.prune_configs({"keep": 2}) == ["a"]  # 4 mod 2
+    assert tuner.prune_configs({"keep": 3}) == ["b"]
+    assert ran == {"k": ["b", "a"]}
+
+
 def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     # --only keeps the order given: the step after the raising and the hanging ones still runs.
     done, results, report = run_check(
