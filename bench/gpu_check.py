@@ -283,6 +283,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## triton inference latency, T = 1..5", ""] + _table(
             tuple(sweep), [tuple(f"{_fmt(v['median_ms'], ' ms')} ({_fmt(v['vs_T1'], '×')})"
                                  for v in sweep.values())]) + [""]
+    switches = {k: v for k, v in bench.get("switches", {}).items() if isinstance(v, dict)}
+    if switches:
+        lines += ["## triton fwd+bwd by switch (interleaved, paired with the default)",
+                  ""] + _table(tuple(switches), [tuple(
+                      f"{_fmt(v['median_ms'], ' ms')} ({_fmt(v['vs_default'], '×')})"
+                      for v in switches.values())]) + [""]
     lines += correctness_lines(steps.get("correctness", {}).get("checks", {}))
     lines += autotune_lines(bench.get("autotune", {}).get("tunings", {}))
     compiled = steps.get("compile", {}).get("checks", {}).get("compile_report", {})

@@ -527,6 +527,28 @@ def layer_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]
     return result
 
 
+def switch_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
+    """triton fwd+bwd with each switch a user flips, interleaved with the default on the same
+    weights: what deterministic gradients (two-pass reductions instead of fp32 atomics),
+    recomputing the base products and LoRA dropout 0.05 (the paper's training setting) cost."""
+    switches = {"default": (ctx, {}), "deterministic": (ctx, {"deterministic": True}),
+                "recompute_intermediates": (
+                    dataclasses.replace(ctx, recompute_intermediates=True), {}),
+                "lora_dropout=0.05": (dataclasses.replace(ctx, dropout=0.05), {})}
+    x, grad = harness.layer_input(ctx, requires_grad=True)
+    steps = {}
+    for name, (c, changes) in switches.items():
+        layer = harness.build_layer(c, "triton")
+        layer.config = dataclasses.replace(layer.config, **changes)
+        steps[name] = harness.module_step(c, layer, x, grad, "fwd_bwd")
+    times = interleaved(steps, rounds, warmup)
+    del steps
+    _free(ctx)
+    return {name: {"median_ms": 1e3 * statistics.median(t),
+                   "vs_default": paired_ratio(times, name, "default")}
+            for name, t in times.items()}
+
+
 def round_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
     """triton inference forward at T = 1..5, same weights; each relative to T = 1."""
     x, grad = harness.layer_input(ctx, requires_grad=False)
@@ -618,7 +640,7 @@ def kernel_profile(ctx: BenchContext, warmup: int) -> dict[str, Any]:
     layer = _module(ctx, "triton")
     x, grad = harness.layer_input(ctx, requires_grad=True)
     step = harness.module_step(ctx, layer, x, grad, "fwd_bwd")
-    for _ in range(max(warmup, 1)):
+    for _ in range(max(warmup, 1) if cuda else 0):  # CUDA: out of the profile, the autotuning
         harness.timed_call(step)
     timed, profiled = (3, 2) if cuda else (1, 1)  # the interpreter takes seconds per step
     step_ms = 1e3 * statistics.median(harness.timed_call(step) for _ in range(timed))
@@ -745,6 +767,10 @@ def step_benchmarks(sc: StepContext) -> None:
     sc.rec.check("kernel_profile", lambda: kernel_profile(ctx, warmup))
     sc.rec.check("rounds_T1_to_T5", lambda: round_timings(ctx, rounds, warmup))
     sc.rec.check("memory", lambda: memory(ctx))
+    # A dry run times the switches at T = 1: the same code, half the interpreter's seconds.
+    switch_ctx = (dataclasses.replace(ctx, shape=dataclasses.replace(shape, num_rounds=1))
+                  if sc.dry_run else ctx)
+    sc.rec.check("switches", lambda: switch_timings(switch_ctx, rounds, warmup))
     sc.rec.check("autotune", lambda: {"tunings": tunings})
 
 

@@ -53,6 +53,9 @@ def test_dry_run_passes_every_step(tmp_path):
     prof = results["steps"]["benchmarks"]["checks"]["kernel_profile"]
     assert prof["kernel_ms"] == 0 and prof["floor_ms"] > 0
     assert {g["name"] for g in prof["groups"]} >= {"_dx_kernel", "_gate_up_wgrad_kernel"}
+    assert set(results["steps"]["benchmarks"]["checks"]["switches"]) >= {
+        "default", "deterministic", "recompute_intermediates", "lora_dropout=0.05"}
+    assert "## triton fwd+bwd by switch" in report
     assert "## One training step's device kernels against the roofline" in report
     assert "| gate_up_wgrad |" in report
 
