@@ -41,6 +41,9 @@ GPU_CHECK_SHAPES = (dataclasses.replace(LLAMA, name="llama3-8b/256", tokens=256)
 DRY_SHAPES = (BenchShape("dry", 32, 48, 4, 2, 4, 2, 3, 8, torch.bfloat16),
               BenchShape("dry-odd", 36, 50, 4, 2, 4, 2, 3, 7, torch.bfloat16))
 DRY_BENCH = dataclasses.replace(DRY_SHAPES[0], name="dry-bench")
+# Seconds the benchmarks' switch timings need on a GPU, estimated: ~40 compiles for the
+# deterministic and dropout variants (the correctness step compiled one config of each), tuning.
+SWITCHES_S = 60
 # (dtype, recompute_intermediates, lora_dropout) per shape: both dtypes, recompute both ways,
 # dropout both ways for each dtype.
 CASES = ((torch.bfloat16, True, 0.0), (torch.bfloat16, False, 0.05),
@@ -770,7 +773,14 @@ def step_benchmarks(sc: StepContext) -> None:
     # A dry run times the switches at T = 1: the same code, half the interpreter's seconds.
     switch_ctx = (dataclasses.replace(ctx, shape=dataclasses.replace(shape, num_rounds=1))
                   if sc.dry_run else ctx)
-    sc.rec.check("switches", lambda: switch_timings(switch_ctx, rounds, warmup))
+
+    def switches() -> dict[str, Any]:
+        left = sc.rec.deadline - sc.rec.margin - time.time()
+        if not sc.dry_run and left < SWITCHES_S:  # its compiles and tuning would outlast it
+            raise Skip(f"{left:.0f} s left in the step, under the {SWITCHES_S} s it needs")
+        return switch_timings(switch_ctx, rounds, warmup)
+
+    sc.rec.check("switches", switches)
     sc.rec.check("autotune", lambda: {"tunings": tunings})
 
 
