@@ -389,13 +389,15 @@ def step_correctness(sc: StepContext) -> None:
             raise ValueError(f"no correctness check {sc.only!r}; there are {names}")
         index = names.index(sc.only)
         fn = plan[index][1]
-        # The first check tunes as users' runs do; the others each run one config per kernel,
-        # a different one each (the interpreter has one config: nothing to rotate).
-        if index and not sc.dry_run:
-            ran = rotate_configs(autotuners(), index)
-            sc.rec.check(sc.only, lambda: {**fn(), "configs": ran})
-        else:
+        # The first check tunes (between two configs per kernel: the autotuner's benchmarking
+        # and reset hooks run as in users' first calls, at a fraction of the compiles); the
+        # others each run one config per kernel, a different one each. The interpreter has one
+        # config: nothing to rotate.
+        if sc.dry_run:
             sc.rec.check(sc.only, fn)
+        else:
+            ran = rotate_configs(autotuners(), index, count=1 if index else 2)
+            sc.rec.check(sc.only, lambda: {**fn(), "configs": ran})
         return
     workers = 2 if sc.dry_run else max(1, (os.cpu_count() or 1) - 2)
     run_in_processes(sc, "correctness", [name for name, _ in plan], workers)
@@ -409,8 +411,8 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
     Triton compiles on one core, in the process that launches, and tuning compiles every
     autotune config of every kernel a new dtype, switch or divisibility reaches: about 90 for a
     training step, under a second each, and about 500 for the correctness step's ten checks,
-    more than its time box in one process. Spread over the cores (and, after the first check,
-    one config per kernel: ``rotate_configs``), they are not. The processes tune under each
+    more than its time box in one process. Spread over the cores, and with one or two configs
+    per kernel (``rotate_configs``), they are not. The processes tune under each
     other's load, so their autotune results stay off the disk cache; the compiled kernels are
     shared through it.
     """
@@ -734,23 +736,24 @@ def record_tunings(tuners: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return record
 
 
-def rotate_configs(tuners: dict[str, Any], index: int) -> dict[str, list[str]]:
-    """Makes each autotuner run one config, the ``index``-th (cyclically) of those it would
-    time for the launch, instead of timing them all; returns which ran, per autotuner.
+def rotate_configs(tuners: dict[str, Any], index: int, count: int = 1
+                   ) -> dict[str, list[str]]:
+    """Makes each autotuner time only ``count`` configs, from the ``index``-th on (cyclically)
+    of those it would time for the launch, instead of all; returns which it kept, per autotuner.
 
-    The correctness checks after the first run with different indices, so between them they
-    check most configs' results on the GPU (autotuning checks only the winner's) and compile a
-    fraction of what tuning would. Autotune results of these processes are not cached on disk
+    The correctness checks run with different indices, so between them they check most configs'
+    results on the GPU (autotuning checks only the winner's) and compile a fraction of what
+    tuning would. Autotune results of these processes are not cached on disk
     (``run_in_processes``)."""
     ran: dict[str, list[str]] = {}
     for name, tuner in tuners.items():
         def prune(kwargs: dict[str, Any], _name: str = name, _prune: Any = tuner.prune_configs
                   ) -> list[Any]:
             pruned = _prune(kwargs)
-            config = pruned[index % len(pruned)]
-            if str(config) not in ran.setdefault(_name, []):
-                ran[_name].append(str(config))
-            return [config]
+            kept = [pruned[(index + i) % len(pruned)] for i in range(min(count, len(pruned)))]
+            ran.setdefault(_name, []).extend(
+                str(c) for c in kept if str(c) not in ran[_name])
+            return kept
 
         tuner.prune_configs = prune
     return ran
