@@ -115,10 +115,7 @@ def run_step_process(step: str, dry_run: bool, timeout: float, work: str, log: A
         os.killpg(proc.pid, 9)  # the step and anything it started (ncu, ptxas workers)
         proc.wait()
         code = None
-    entry: dict[str, Any] = {"checks": {}}
-    if os.path.exists(result):
-        with open(result, encoding="utf-8") as f:
-            entry.update(json.load(f))
+    entry: dict[str, Any] = {"checks": {}, **read_json(result)}
     entry["seconds"] = round(time.perf_counter() - start, 1)
     entry["timeout_s"] = round(timeout)
     statuses = [c["status"] for c in entry["checks"].values()]
@@ -140,6 +137,15 @@ def read_text(path: str, offset: int = 0) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A step's or check's result file; empty where its process never wrote one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def last_traceback(log_path: str, offset: int) -> str:

@@ -416,7 +416,7 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
     other's load, so their autotune results stay off the disk cache; the compiled kernels are
     shared through it.
     """
-    from bench.gpu_check import last_traceback, read_text
+    from bench.gpu_check import last_traceback, read_json, read_text
 
     # Stopping takes a few seconds: the stacks, the kill, this process's own exit.
     work, stop = os.path.dirname(sc.rec.path), sc.rec.deadline - sc.rec.margin - 5
@@ -435,13 +435,12 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
                                         env=env, stdout=log, stderr=subprocess.STDOUT)
             print(f"[process] {name}: started (pid {proc.pid})", flush=True)
             running[name] = (proc, path, time.perf_counter())
-        if queue and time.time() >= stop:
+        late = time.time() >= stop
+        if late:  # the rest skipped; SIGTERM dumps each running stack (_child), then they go
             for _, name in queue:
                 sc.rec.record(name, {"status": "SKIP", "reason": "the step's time box is spent",
                                      "seconds": 0.0})
             queue = []
-        late = time.time() >= stop
-        if late:  # SIGTERM dumps each stack (bench.gpu_check._child); then they go
             for proc, _, _ in running.values():
                 proc.terminate()
             time.sleep(2)
@@ -456,7 +455,7 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
             seconds = round(time.perf_counter() - started, 2)
             print(f"{read_text(path + '.log')}\n[process] {name}: exit status "
                   f"{proc.returncode} after {seconds} s", flush=True)
-            entry = _read_json(path).get("checks", {}).get(name)
+            entry = read_json(path).get("checks", {}).get(name)
             if unfinished:
                 entry = {"status": "FAIL", "reason": f"still running at the step's time box, "
                          f"after {seconds} s", "traceback": read_text(path + ".stack")}
@@ -467,14 +466,6 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
         time.sleep(0.2)
     sc.rec.checks = {name: sc.rec.checks[name] for name in names}  # in plan order again
     sc.rec.flush()
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 # --------------------------------------------------------------------------- 3. benchmarks
