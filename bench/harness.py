@@ -144,6 +144,8 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     in a CPU generator; identical parameter names and shapes give identical weights, which is what
     lets layers with different ``T`` or backends be compared.
     """
+    if any(p.is_meta for p in module.parameters()):  # shapes only (bench.op_count)
+        return module
     with torch.no_grad():
         for index, (name, p) in enumerate(sorted(module.named_parameters())):
             gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + index)
@@ -355,11 +357,13 @@ class SavedTensorCounter:
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # storage-less tensors (subclasses, meta)
-        ptr = 0
-    # Storage-less or empty tensors get a per-object key so they neither merge nor vanish.
-    return (str(t.device), ptr) if ptr else (str(t.device), -id(t))
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # storage-less tensors (subclasses)
+        # A per-object key, so they neither merge nor vanish.
+        return (str(t.device), -id(t))
+    # Views of one storage share its data pointer; meta and empty tensors have none, but their
+    # storage object's own address is shared the same way.
+    return (str(t.device), storage.data_ptr() or storage._cdata)
 
 
 def _storage_nbytes(t: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .backends import get_backend, resolve_backend
-from .backends.contract import GraphMoEParams, RoundOptions, RoutedOutput
+from .backends.contract import GraphMoEParams, RoundOptions, RoutedOutput, autocast_enabled
 from .config import GraphMoEConfig
 from .load_balancing import expert_selection_counts, load_balancing_loss
 from .lowrank_gru import LowRankGRU
@@ -208,7 +208,7 @@ class GraphMoEMLP(nn.Module):
             )
         if x.device != w.device:
             raise ValueError(f"input is on {x.device} but the layer's weights are on {w.device}")
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype and not autocast_enabled(x.device.type):
             raise TypeError(
                 f"input dtype {x.dtype} does not match the layer's weight dtype {w.dtype} "
                 "(cast one of them, or run under torch.autocast)"

@@ -38,7 +38,7 @@ from typing import Any
 from .compile_spec import KernelSpec
 
 DEFAULT_MODULES = ("routing.router_topk", "gru.lowrank_gru", "expert.gate_up", "expert.down",
-                   "expert.backward", "gru.lowrank_gru_backward")
+                   "expert.backward", "gru.lowrank_gru_backward", "dropout")
 DEFAULT_ARCHS = (80, 90)
 # Largest shared memory one block may opt into: A100 163 KB, H100 227 KB (CUDA guide, table of
 # compute-capability limits).

@@ -25,7 +25,8 @@ from graphmoe_fused.kernels.compile_report import (
 
 SPECS = collect_specs()
 KERNELS = {"routing.router_topk", "gru.project", "expert.lora_in", "expert.a_mix_reduce",
-           "expert.down", "expert.backward.project", "expert.backward.dh_base"}
+           "expert.down", "expert.backward.project", "expert.backward.dh_base",
+           "dropout.keep_rows"}
 # The GRU: pass 1 at every combination of h given or zero, candidate x or y, tanh or sigmoid;
 # the update at both activations.
 GRU_TAGS = ("", "[tanh]", "[cand=x]", "[cand=x,tanh]", "[h=0]", "[h=0,tanh]", "[h=0,cand=x]",

@@ -11,6 +11,7 @@ import triton.language as tl
 from graphmoe_fused.kernels import dropout as kernel_side
 
 from graphmoe_fused.backends import dropout as torch_side
+from graphmoe_fused.backends.torch import masks as torch_masks
 
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
 
@@ -150,3 +151,70 @@ def test_empty_masks():
     keep_x, keep_h = torch_side.lora_dropout_masks(1, 0, 0, 8, 2, 12, 0.1, torch.device("cpu"))
     assert keep_x.shape == (0, 8) and keep_h.shape == (0, 2, 12)
     assert torch_side.keep_mask(5, 3, 0, 0.1, torch.device("cpu")).shape == (3, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels.dropout.keep_rows_mask: the masks as one kernel (the torch backend's on a GPU).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [2**-32, 1e-9, 0.05, 0.5, 0.9, 1 - 2**-33])
+def test_keep_rows_kernel_is_the_definition(p):
+    # Ragged against the kernel's 16 × 512 tiles in both directions; the extremes of the row
+    # hashes. p = 2^-32 gives threshold 1 (a value triton would otherwise specialise), 0.5 and
+    # above thresholds past 2^31; the outputs are poisoned (True) before the kernel writes, so
+    # p = 0.9 (mostly False) catches an unwritten element.
+    g = torch.Generator().manual_seed(2)
+    row_bits = torch.randint(0, 2**32, (35,), generator=g, dtype=torch.int64)
+    row_bits[:3] = torch.tensor([0, 2**31 - 1, 2**32 - 1])
+    threshold = torch_side.drop_threshold(p)
+    got = kernel_side.keep_rows_mask(row_bits, 530, threshold)
+    assert got.dtype == torch.bool and got.shape == (35, 530)
+    assert torch.equal(got, _plain_keep(row_bits, 530, p))
+    # Through the custom op the torch backend calls.
+    assert torch.equal(torch_masks.keep_rows_kernel(row_bits, 530, threshold), got)
+
+
+def test_keep_rows_kernel_op_passes_opcheck():
+    row_bits = torch.randint(0, 2**32, (21,), generator=torch.Generator().manual_seed(3),
+                             dtype=torch.int64)
+    torch.library.opcheck(torch_masks.keep_rows_kernel, (row_bits, 40, 2**30))
+
+
+def test_keep_rows_kernel_rejects_bad_arguments():
+    bits = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="1-D int64"):
+        kernel_side.keep_rows_mask(bits.int(), 8, 5)
+    with pytest.raises(ValueError, match="1-D int64"):
+        kernel_side.keep_rows_mask(bits.view(2, 2), 8, 5)
+    with pytest.raises(ValueError, match="num_cols"):
+        kernel_side.keep_rows_mask(bits, -1, 5)
+    with pytest.raises(ValueError, match="32-bit"):
+        kernel_side.keep_rows_mask(bits, 8, 2**32)
+    assert kernel_side.keep_rows_mask(bits[:0], 8, 5).shape == (0, 8)
+
+
+def test_torch_backend_on_the_mask_kernel_is_bit_identical(monkeypatch):
+    """The torch backend with its masks from the kernel (as on a GPU; here under the
+    interpreter) gives the same output and gradients, bit for bit, as with the torch masks."""
+    from .helpers import make_layer
+
+    def step():
+        layer = make_layer(backend="torch", lora_dropout=0.1, num_rounds=2, num_experts=4,
+                           top_k=2, lora_r=4, seed=5).train()
+        x = torch.randn(13, 32, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        y, aux = layer(x, return_aux_loss=True)
+        (y.square().sum() + aux).backward()
+        return [y, x.grad, *(p.grad for p in layer.parameters() if p.requires_grad)]
+
+    want = step()
+    calls = []
+    kernel = torch_masks.keep_rows_kernel
+    monkeypatch.setattr(torch_masks, "_kernel_available", lambda device: True)
+    monkeypatch.setattr(torch_masks, "keep_rows_kernel",
+                        lambda *args: calls.append(args) or kernel(*args))
+    got = step()
+    # The x mask and the slot masks of each round (kept for backward: recompute is off).
+    assert len(calls) == 2 * 2
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)

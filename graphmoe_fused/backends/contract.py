@@ -7,6 +7,7 @@ reference, the torch path and the Triton path stand side by side behind one laye
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -132,11 +133,25 @@ def check_frozen_base(p: GraphMoEParams, backend: str) -> None:
         )
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; never on a device autocast does not know
+    (``meta``, where a layer runs shapes only, e.g. ``bench.op_count``), where asking raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)``, or nothing to turn off (see
+    :func:`autocast_enabled`)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of the base GEMMs: autocast's for x's device when autocast is on, else x's own.
     fp64 inputs stay fp64, as autocast itself leaves fp64 alone."""
     device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if x.dtype != torch.float64 and autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 

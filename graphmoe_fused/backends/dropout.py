@@ -138,11 +138,16 @@ def keep_rows(row_bits: torch.Tensor, num_cols: int, p: float) -> torch.Tensor:
     return out.view(*row_bits.shape, num_cols)
 
 
+def token_row_bits(key: int, num_rows: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[num_rows]``: the per-row hashes of one stream's mask (``keep_rows`` of them is
+    :func:`keep_mask`)."""
+    return _row_bits(key, torch.arange(num_rows, dtype=torch.int64, device=device))
+
+
 def keep_mask(key: int, num_rows: int, num_cols: int, p: float,
               device: torch.device) -> torch.Tensor:
     """``[num_rows, num_cols]`` bool keep-mask of one stream (rows: tokens, cols: columns)."""
-    rows = torch.arange(num_rows, dtype=torch.int64, device=device)
-    return keep_rows(_row_bits(key, rows), num_cols, p)
+    return keep_rows(token_row_bits(key, num_rows, device), num_cols, p)
 
 
 def slot_row_bits(seed: int, round_index: int, num_tokens: int, top_k: int,

@@ -42,6 +42,7 @@ from .contract import (
     GraphMoEParams,
     RoundOptions,
     RoutedOutput,
+    autocast_off,
     check_frozen_base,
     check_inputs,
     compute_dtype,
@@ -62,7 +63,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if not triton_available():
         return ("the 'triton' backend needs the triton package, which is not installed (it is "
                 "published for Linux only); use backend torch or auto")
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):  # meta: shapes only, the ops' fake implementations
         return None
     if device.type == "cpu":
         from ..kernels.utils import is_interpreter
@@ -198,6 +199,6 @@ def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> Ro
     if not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in p))):
         # Nothing will run backward: keep no base products whatever the option says.
         opt = dataclasses.replace(opt, recompute_intermediates=True)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         out = run_rounds(x.to(cd), params, opt)
     return RoutedOutput(out.y.to(x.dtype), out.router_probs, out.expert_index)

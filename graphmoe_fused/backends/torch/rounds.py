@@ -59,14 +59,16 @@ from ..contract import (
     GraphMoEParams,
     RoundOptions,
     RoutedOutput,
+    autocast_off,
     check_frozen_base,
     check_inputs,
     compute_dtype,
     new_empty,
 )
-from ..dropout import keep_mask, keep_rows, slot_row_bits, stream_key
+from ..dropout import slot_row_bits, stream_key, token_row_bits
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
 from .gru import GRUGrads, gru_step, gru_step_backward, prepare_gru
+from .masks import device_keep_rows
 from .routing import router_probabilities, select_experts
 from .workspace import Workspace, workspace_for
 
@@ -121,13 +123,13 @@ def _dropout_masks(
 ) -> _Masks | None:
     if opt.dropout_p <= 0:
         return None
-    keep_x = keep_mask(stream_key(opt.dropout_seed, t, 0), x.shape[0], x.shape[1],
-                       opt.dropout_p, x.device)
+    keep_x = device_keep_rows(token_row_bits(stream_key(opt.dropout_seed, t, 0), x.shape[0],
+                                             x.device), x.shape[1], opt.dropout_p)
     # The slot masks are drawn straight in the plan's pair layout (the rows' hashes rearranged,
     # [M, k] values, instead of the [M, k, D'] masks): no stacked mask and no strided or
     # gathered copy of it; bit for bit lora_dropout_masks' keep_h, rearranged.
     rows = slot_row_bits(opt.dropout_seed, t, x.shape[0], opt.top_k, x.device)
-    return _Masks(keep_x, keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p))
+    return _Masks(keep_x, device_keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p))
 
 
 def _dropped(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -372,7 +374,7 @@ class _GraphMoEFunction(torch.autograd.Function):
         p = GraphMoEParams(*params)
         opt, cd = st.opt, st.compute_dtype
         acc = torch.promote_types(cd, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             w = _Weights(p, cd, acc)
             ws = workspace_for(x.device)
             h = torch.zeros(x.shape[0], p.gru_weight_g.shape[1], dtype=acc, device=x.device)
@@ -473,7 +475,7 @@ def rounds_backward(
 
     if round_backward is None:
         round_backward = functools.partial(_round_backward, ws=workspace_for(x.device))
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         w = _Weights(p, cd, acc)
         gru_acc = prepare_gru(p.gru_weight_z, p.gru_weight_r, p.gru_weight_o,
                               p.gru_bias_o, p.gru_weight_g, acc, acc)
