@@ -179,6 +179,9 @@ def graphmoe_round(s: BenchShape, recompute: bool, order: str = "routing") -> li
                                    "_gru_project_kernel"), between_rounds=True),
     ]
     bwd = [
+        Kernel("GRU residual again: the round input x + W_g h rebuilt (the forward's launch)",
+               gemm(m, d, dh), 2 * act_d + m * dh * B16 + d * dh * B16,
+               ("_gru_project_kernel",), between_rounds=True),
         Kernel("GRU cell backward (recomputed gates)",
                2 * gemm(m, 3 * dh, dh + d) + 2 * gemm(m, 3 * dh, dh + d),
                5 * act_d + 2 * gru_w, ("_gru_bwd_gates_kernel", "_gru_bwd_candidate_kernel",

@@ -20,6 +20,7 @@ from graphmoe_fused.kernels.gru.lowrank_gru import (
     _pack_gate_weights,
     _pack_projection,
     fused_lowrank_gru,
+    gru_project,
 )
 
 from graphmoe_fused.backends.reference import lowrank_gru_step as lowrank_gru_reference
@@ -238,6 +239,30 @@ def test_weight_packing():
         assert (packed_w[:, 13:16] == 0).all() and (packed_w[:, 56:] == 0).all()
     pg = _pack_projection(wg, 13)
     assert pg.shape == (40, 16) and torch.equal(pg[:, :13], wg) and (pg[:, 13:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, d, dh", [(1, 40, 13), (37, 48, 16), (23, 40, 21)])
+def test_project_alone_gives_the_steps_bits(dtype, num_tokens, d, dh):
+    """``gru_project`` is the step's third pass alone: the same ``x_next``, bit for bit, from
+    the ``h_new`` the step returned (as the triton backend's backward rebuilds the round inputs),
+    whether that is the step's row-padded view or a contiguous copy of it."""
+    args = _inputs(num_tokens, d, dh, dtype, seed=7)
+    h_new, x_next = fused_lowrank_gru(*args)
+    x, wg = args[2], args[7]
+    assert torch.equal(gru_project(h_new, x, wg), x_next)
+    assert torch.equal(gru_project(h_new.contiguous(), x, wg), x_next)
+
+
+def test_project_validation():
+    h, y, x, wz, wr, wo, bo, wg = _inputs(3, 40, 13, torch.float32)
+    with pytest.raises(ValueError, match="h_new"):
+        gru_project(h[:, :12], x, wg)
+    with pytest.raises(ValueError, match="weight_g"):
+        gru_project(h, x, wg[:39])
+    with pytest.raises(TypeError):
+        gru_project(h.half(), x, wg)
+    assert gru_project(h[:0], x[:0], wg).shape == (0, 40)
 
 
 def test_empty_batch():

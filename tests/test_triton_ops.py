@@ -48,10 +48,10 @@ def test_backward_op_passes_opcheck(recompute):
     params = [p.detach() for p in layer.params()]
     opt = dataclasses.replace(layer.round_options(), recompute_intermediates=recompute)
     options = encode_options(opt)
-    y, probs, index, states, outputs, inputs, a_mixes, bases = (
+    y, probs, index, states, outputs, a_mixes, bases = (
         torch.ops.graphmoe_fused.triton_rounds(x, params, options))
     grad_y = torch.randn_like(y)
     grad_probs = torch.randn_like(probs)
-    args = (x, params, probs, index, states, outputs, inputs, a_mixes, bases, grad_y,
+    args = (x, params, probs, index, states, outputs, a_mixes, bases, grad_y,
             grad_probs, options)
     torch.library.opcheck(torch.ops.graphmoe_fused.rounds_backward.default, args)

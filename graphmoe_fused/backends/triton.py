@@ -18,8 +18,11 @@ bits run to run (the next round's routing depends on ``a_mix``).
 
 Training: the forward runs as the custom op ``graphmoe_fused::triton_rounds`` (:mod:`.triton_ops`,
 so ``torch.compile`` keeps it as one node), which returns, besides the outputs, what the
-backward needs: the routing, the GRU states, the non-final outputs, the round inputs, each
-round's rank-r ``a_mix`` and, with ``recompute_intermediates=False``, the base gate/up products.
+backward needs: the routing, the GRU states, the non-final outputs, each round's rank-r
+``a_mix`` and, with ``recompute_intermediates=False``, the base gate/up products. The round
+inputs ``x_2..x_T`` are not kept: the backward rebuilds them from the states with the forward's
+own projection launch (``kernels.gru.gru_project``), the same bits for ``[M, d]`` per round
+less memory.
 Its registered backward (``graphmoe_fused::rounds_backward``) runs from those: each round's
 experts and each GRU cell on the backward kernels, the chain over the rounds and the router's
 small softmax/top-k backward in PyTorch. Nothing is routed or run forward again, so the gradient
@@ -97,14 +100,13 @@ def _kernels_cover(p: GraphMoEParams) -> str | None:
 
 class _KernelForward(NamedTuple):
     """What the kernels computed: the backend's outputs, and what the backward needs of the
-    rounds: the GRU states, the non-final outputs and the later inputs (``T - 1`` each), and
-    every round's routing-weighted down-LoRA input ``a_mix`` (``T``, rank r: the backward
-    kernels take it instead of per-slot activations)."""
+    rounds: the GRU states and the non-final outputs (``T - 1`` each), and every round's
+    routing-weighted down-LoRA input ``a_mix`` (``T``, rank r: the backward kernels take it
+    instead of per-slot activations)."""
 
     routed: RoutedOutput
     states: list[torch.Tensor]  # h_1 .. h_{T-1}
     outputs: list[torch.Tensor]  # y_1 .. y_{T-1}
-    inputs: list[torch.Tensor]  # x_2 .. x_T
     a_mixes: list[torch.Tensor]  # [M, n·r] fp32 per round
     bases: list[torch.Tensor]  # G_1, U_1, G_2, ... (recompute_intermediates=False), or none
 
@@ -122,7 +124,7 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
     h = None  # the zero state of round 1, which the GRU kernel skips
     x_t = x
     all_probs, all_index = [], []
-    states, outputs, inputs, a_mixes, bases = [], [], [], [], []
+    states, outputs, a_mixes, bases = [], [], [], []
     inter = p.gate_weight.shape[0]
     for t in range(opt.num_rounds):
         probs, weights, experts = fused_router_topk(x_t, p.router_weight, opt.top_k)
@@ -149,17 +151,16 @@ def _forward(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> _KernelFo
         )
         states.append(h)
         outputs.append(y)
-        inputs.append(x_t)
     routed = RoutedOutput(y, torch.stack(all_probs), torch.stack(all_index))
-    return _KernelForward(routed, states, outputs, inputs, a_mixes, bases)
+    return _KernelForward(routed, states, outputs, a_mixes, bases)
 
 
 def graphmoe_triton(x: torch.Tensor, p: GraphMoEParams, opt: RoundOptions) -> RoutedOutput:
     """The backend contract of :mod:`graphmoe_fused.backends.contract` on the Triton kernels.
 
     Forward: the kernels (router/top-k, fused LoRA-expert gate/up, down, low-rank GRU) per round.
-    Backward: the torch backend's, from the routing, GRU states and round inputs the kernels
-    computed (see the module docstring), for ``x`` and every parameter that requires grad;
+    Backward: the torch backend's chain over the rounds, from the routing and GRU states the
+    kernels computed (see the module docstring), for ``x`` and every parameter that requires grad;
     ``router_probs`` is a differentiable output.
 
     Args:

@@ -3,7 +3,7 @@ that runs on it.
 
 * ``graphmoe_fused::triton_rounds``: the T rounds on the kernels (``triton._forward``). Besides
   the backend's outputs it returns what the backward needs of the rounds: the GRU states, the
-  non-final outputs, the later round inputs and each round's rank-r ``a_mix``.
+  non-final outputs and each round's rank-r ``a_mix`` (and base products, when kept).
 * ``graphmoe_fused::rounds_backward``: the backward of the T rounds from those. The chain over
   the rounds (``W_g``, the residual) and the router's softmax/top-k are the torch backend's
   (``torch.rounds.rounds_backward``); each round's expert part (the base and LoRA products, the
@@ -33,9 +33,8 @@ OPTION_FIELDS = tuple(f.name for f in fields(RoundOptions))
 @torch.library.custom_op("graphmoe_fused::triton_rounds", mutates_args=())
 def triton_rounds(
     x: Tensor, params: list[Tensor], options: list[float],
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor],
-           list[Tensor]]:
-    """``(y, router_probs, expert_index, states, outputs, inputs, a_mixes, bases)`` of the T
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """``(y, router_probs, expert_index, states, outputs, a_mixes, bases)`` of the T
     rounds on the kernels (``bases``: each round's ``W_G x, W_U x`` when
     ``recompute_intermediates`` is off, else empty); ``options`` are the RoundOptions fields as
     numbers (see :func:`encode_options`)."""
@@ -46,7 +45,7 @@ def triton_rounds(
     # Outputs must be fresh tensors with the strides the fake implementation promises: the
     # GRU kernel returns its state as a view of a row-padded buffer.
     return (out.y, out.router_probs, out.expert_index, [s.contiguous() for s in fwd.states],
-            list(fwd.outputs), list(fwd.inputs), list(fwd.a_mixes), list(fwd.bases))
+            list(fwd.outputs), list(fwd.a_mixes), list(fwd.bases))
 
 
 @triton_rounds.register_fake
@@ -62,7 +61,6 @@ def _(x: Tensor, params: list[Tensor], options: list[float]):
         x.new_empty(rounds, num_tokens, opt.top_k, dtype=torch.int64),
         [x.new_empty(num_tokens, gru_width) for _ in range(rounds - 1)],
         [x.new_empty(num_tokens, hidden) for _ in range(rounds - 1)],
-        [x.new_empty(num_tokens, hidden) for _ in range(rounds - 1)],
         [x.new_empty(num_tokens, lora_cols, dtype=torch.float32) for _ in range(rounds)],
         [] if opt.recompute_intermediates else
         [x.new_empty(num_tokens, params[0].shape[0]) for _ in range(2 * rounds)],
@@ -72,19 +70,24 @@ def _(x: Tensor, params: list[Tensor], options: list[float]):
 @torch.library.custom_op("graphmoe_fused::rounds_backward", mutates_args=())
 def rounds_backward(
     x: Tensor, params: list[Tensor], router_probs: Tensor, expert_index: Tensor,
-    states: list[Tensor], outputs: list[Tensor], inputs: list[Tensor], a_mixes: list[Tensor],
-    bases: list[Tensor], grad_y: Tensor, grad_probs: Tensor | None, options: list[float],
+    states: list[Tensor], outputs: list[Tensor], a_mixes: list[Tensor], bases: list[Tensor],
+    grad_y: Tensor, grad_probs: Tensor | None, options: list[float],
 ) -> list[Tensor]:
     """Gradients of ``(x, router, A_G, B_G, A_U, B_U, A_D, B_D, W_z, W_r, W_o, b_o, W_g)``;
     the GRU's are zeros with one round (the caller returns ``None`` for them then)."""
+    from ..kernels.gru import gru_project
     from .torch import rounds as torch_rounds
 
     p = GraphMoEParams(*params)
+    # The round inputs, rebuilt by the forward's projection launch: its bits.
+    inputs = [x]
+    for state in states:
+        inputs.append(gru_project(state, inputs[-1], p.gru_weight_g))
     opt = decode_options(options)
     static = torch_rounds.backward_static(x, p, opt, x.dtype)
     grads = torch_rounds.rounds_backward(
         x, p, static, router_probs, expert_index, states, outputs, grad_y, grad_probs, True,
-        inputs=(x, *inputs), round_backward=_kernel_round_backward(p, a_mixes, bases),
+        inputs=inputs, round_backward=_kernel_round_backward(p, a_mixes, bases),
         gru_backward=_kernel_gru_backward(p),
     )
     trainable = (p.router_weight, *p[4:])
@@ -102,7 +105,7 @@ def rounds_backward(
 
 
 @rounds_backward.register_fake
-def _(x, params, router_probs, expert_index, states, outputs, inputs, a_mixes, bases, grad_y,
+def _(x, params, router_probs, expert_index, states, outputs, a_mixes, bases, grad_y,
       grad_probs, options):
     return [torch.empty_like(t) for t in (x, params[3], *params[4:])]
 
@@ -169,19 +172,19 @@ def _kernel_gru_backward(p: GraphMoEParams):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, params, options = inputs
-    _, probs, index, states, outs, xs, a_mixes, bases = output
+    _, probs, index, states, outs, a_mixes, bases = output
     ctx.options = options
     ctx.num_params = len(params)
-    # No gradient arrives on the outputs kept for backward only (states, outputs, inputs,
-    # a_mixes, bases): without this autograd would fill a zero tensor for each, ~1.7 GB of
+    # No gradient arrives on the outputs kept for backward only (states, outputs, a_mixes,
+    # bases): without this autograd would fill a zero tensor for each, ~1.7 GB of
     # memset and transient memory per step at llama3-8b (bench.op_count counted them).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, *params, probs, index, *states, *outs, *xs, *a_mixes, *bases)
+    ctx.save_for_backward(x, *params, probs, index, *states, *outs, *a_mixes, *bases)
 
 
-def _backward(ctx, grad_y, grad_probs, _grad_index, _grad_states, _grad_outputs, _grad_inputs,
+def _backward(ctx, grad_y, grad_probs, _grad_index, _grad_states, _grad_outputs,
               _grad_a_mixes, _grad_bases):
-    # The states, outputs and inputs are for the backward only: the layer never returns them,
+    # The states and outputs are for the backward only: the layer never returns them,
     # so no gradient arrives on them.
     opt = decode_options(ctx.options)
     saved = ctx.saved_tensors
@@ -190,12 +193,12 @@ def _backward(ctx, grad_y, grad_probs, _grad_index, _grad_states, _grad_outputs,
     probs, index = saved[1 + ctx.num_params:3 + ctx.num_params]
     rest = saved[3 + ctx.num_params:]
     states, outs = rest[:count], rest[count:2 * count]
-    xs, a_mixes = rest[2 * count:3 * count], rest[3 * count:3 * count + opt.num_rounds]
-    bases = rest[3 * count + opt.num_rounds:]
+    a_mixes = rest[2 * count:2 * count + opt.num_rounds]
+    bases = rest[2 * count + opt.num_rounds:]
     if grad_y is None:
         grad_y = torch.zeros_like(x)
     grads = torch.ops.graphmoe_fused.rounds_backward(
-        x, params, probs, index, list(states), list(outs), list(xs), list(a_mixes), list(bases),
+        x, params, probs, index, list(states), list(outs), list(a_mixes), list(bases),
         grad_y.contiguous(),
         None if grad_probs is None else grad_probs.contiguous(), ctx.options,
     )

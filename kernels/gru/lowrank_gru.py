@@ -59,7 +59,7 @@ from ..utils import (
     unit_stride_rows,
 )
 
-__all__ = ["CANDIDATE_ACTIVATIONS", "CANDIDATE_INPUTS", "fused_lowrank_gru"]
+__all__ = ["CANDIDATE_ACTIVATIONS", "CANDIDATE_INPUTS", "fused_lowrank_gru", "gru_project"]
 
 CANDIDATE_INPUTS = ("y", "x")
 CANDIDATE_ACTIVATIONS = ("sigmoid", "tanh")
@@ -389,17 +389,26 @@ def _launch_lowrank_gru(
             flags,
             configs.get("update"),
         )
+    _launch_project(h_new, weight_g, x, x_next, configs.get("project"))
+
+
+def _launch_project(h_new: torch.Tensor, weight_g: torch.Tensor, x: torch.Tensor,
+                    x_next: torch.Tensor, config: triton.Config | None) -> None:
+    """Pass 3, ``x_next = x + h_new @ weight_g^T``: the forward's, and :func:`gru_project`'s
+    (the same launch, so the same bits)."""
+    num_tokens, d = x.shape
+    dh = weight_g.shape[1]
     wg = _pack_projection(weight_g, dh)
     launch(
         _project_tuned, _gru_project_kernel, tile_grid(num_tokens, d, "BLOCK_N"),
         (
             h_new, wg, x, x_next,
-            num_tokens, d, dh, dh_pad,
+            num_tokens, d, dh, ceil_to(dh, _ALIGN),
             h_new.stride(0), wg.stride(0), x.stride(0), x_next.stride(0),
-            bucket,
+            token_bucket(num_tokens),
         ),
-        {"INTERP_BF16": flags["INTERP_BF16"]},
-        configs.get("project"),
+        {"INTERP_BF16": interpreter_bf16(x.dtype)},
+        config,
     )
 
 
@@ -486,6 +495,34 @@ def fused_lowrank_gru(
             h_new, x_next, candidate_input, candidate_activation, configs,
         )
     return h_new, x_next
+
+
+@on_device_of("x")
+def gru_project(h_new: torch.Tensor, x: torch.Tensor, weight_g: torch.Tensor, *,
+                config: triton.Config | None = None) -> torch.Tensor:
+    """``x + h_new @ weight_g^T``, the residual into the next round, alone: the bits
+    :func:`fused_lowrank_gru` returned as ``x_next`` for the same ``h_new`` (its third pass,
+    launched the same way), so a backward can rebuild the round inputs instead of keeping them.
+
+    Args:
+        h_new: ``[M, dh]`` (any row stride, unit column stride), as the step returned it.
+        x: ``[M, d]`` the round's input.
+        weight_g: ``[d, dh]``.
+        config: pins the block shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``) instead of
+            autotuning; pin the forward's too, or the bits may differ.
+
+    All share ``x``'s dtype and device. Returns ``[M, d]`` in ``x``'s dtype.
+    """
+    num_tokens, d = check_activation("x", x, "[M, d]")
+    dh = check_ndim("weight_g", weight_g, 2, "[d, dh]")[1]
+    check_like("weight_g", weight_g, (d, dh), x, x.dtype)
+    check_like("h_new", h_new, (num_tokens, dh), x, x.dtype)
+    x_next = new_output((num_tokens, d), x.dtype, x.device)
+    if num_tokens > 0:
+        if h_new.stride(-1) != 1:
+            h_new = h_new.contiguous()
+        _launch_project(h_new, unit_stride_rows(weight_g), unit_stride_rows(x), x_next, config)
+    return x_next
 
 
 def gru_variant_tags(has_h: bool, cand_x: bool, tanh: bool) -> list[str]:
