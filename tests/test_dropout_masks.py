@@ -210,11 +210,11 @@ def test_torch_backend_on_the_mask_kernel_is_bit_identical(monkeypatch):
     want = step()
     calls = []
     kernel = torch_masks.keep_rows_kernel
-    monkeypatch.setattr(torch_masks, "_kernel_available", lambda device: True)
+    monkeypatch.setattr(torch_masks, "draws_masks_in_one_pass", lambda device: True)
     monkeypatch.setattr(torch_masks, "keep_rows_kernel",
                         lambda *args: calls.append(args) or kernel(*args))
     got = step()
-    # The x mask and the slot masks of each round (kept for backward: recompute is off).
-    assert len(calls) == 2 * 2
+    # The x mask and the slot masks of each round, drawn in forward and again in backward.
+    assert len(calls) == 2 * 2 * 2
     for a, b in zip(want, got, strict=True):
         assert torch.equal(a, b)

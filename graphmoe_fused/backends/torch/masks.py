@@ -18,8 +18,11 @@ from ..contract import new_empty
 from ..dropout import drop_threshold, keep_rows
 
 
-def _kernel_available(device: torch.device) -> bool:
-    # meta: shape-only runs (bench.op_count) count the op a GPU would launch.
+def draws_masks_in_one_pass(device: torch.device) -> bool:
+    """Whether the masks on ``device`` come from the kernel (a CUDA GPU with triton; meta, for
+    shape-only runs such as bench.op_count, counts the op a GPU would launch). Then drawing
+    them again in backward costs one pass writing what keeping them would hold, so the forward
+    does not keep them."""
     return device.type in ("cuda", "meta") and importlib.util.find_spec("triton") is not None
 
 
@@ -39,7 +42,7 @@ def _(row_bits: torch.Tensor, num_cols: int, threshold: int) -> torch.Tensor:
 
 def device_keep_rows(row_bits: torch.Tensor, num_cols: int, p: float) -> torch.Tensor:
     """:func:`..dropout.keep_rows`, by the kernel where the device has one."""
-    if not _kernel_available(row_bits.device):
+    if not draws_masks_in_one_pass(row_bits.device):
         return keep_rows(row_bits, num_cols, p)
     mask = keep_rows_kernel(row_bits.reshape(-1).contiguous(), num_cols, drop_threshold(p))
     return mask.view(*row_bits.shape, num_cols)

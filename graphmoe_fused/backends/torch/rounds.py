@@ -35,7 +35,8 @@ Same function as :func:`..reference.graphmoe_reference` (within rounding), with:
   of the options' seed, the round, the token and the column), so the masks equal the
   reference's; the slot masks are drawn directly in the plan's pair layout. The backward uses
   the forward's (kept as bool, ``k·D'`` bytes per token and round) or, recomputing, draws them
-  again.
+  again. Where one kernel draws them (a CUDA GPU with triton: :mod:`.masks`) they are drawn
+  again in backward whatever the option: one pass writing the bytes keeping them would hold.
 * **A given routing** (``expert_index``, ``[T, M, k]``) replaces each round's top-k; the
   probabilities are still computed and differentiated, and the weights are the probabilities at
   the given experts, renormalised. The triton backend's backward uses it to recompute with the
@@ -66,9 +67,9 @@ from ..contract import (
     new_empty,
 )
 from ..dropout import slot_row_bits, stream_key, token_row_bits
+from . import masks as mask_draw
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
 from .gru import GRUGrads, gru_step, gru_step_backward, prepare_gru
-from .masks import device_keep_rows
 from .routing import router_probabilities, select_experts
 from .workspace import Workspace, workspace_for
 
@@ -123,13 +124,14 @@ def _dropout_masks(
 ) -> _Masks | None:
     if opt.dropout_p <= 0:
         return None
-    keep_x = device_keep_rows(token_row_bits(stream_key(opt.dropout_seed, t, 0), x.shape[0],
-                                             x.device), x.shape[1], opt.dropout_p)
+    x_rows = token_row_bits(stream_key(opt.dropout_seed, t, 0), x.shape[0], x.device)
+    keep_x = mask_draw.device_keep_rows(x_rows, x.shape[1], opt.dropout_p)
     # The slot masks are drawn straight in the plan's pair layout (the rows' hashes rearranged,
     # [M, k] values, instead of the [M, k, D'] masks): no stacked mask and no strided or
     # gathered copy of it; bit for bit lora_dropout_masks' keep_h, rearranged.
     rows = slot_row_bits(opt.dropout_seed, t, x.shape[0], opt.top_k, x.device)
-    return _Masks(keep_x, device_keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p))
+    keep_h = mask_draw.device_keep_rows(plan.to_pairs(rows), intermediate, opt.dropout_p)
+    return _Masks(keep_x, keep_h)
 
 
 def _dropped(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -179,7 +181,7 @@ class _RoundOut(NamedTuple):
     a_gate_up: torch.Tensor  # pair layout [..., 2r], accumulation dtype
     a_down: torch.Tensor  # pair layout [..., r], accumulation dtype
     # Without recomputation: (G, U) [M, D'], and with dropout the keep masks (x's, then the
-    # slots' in pair layout); else empty.
+    # slots' in pair layout) unless a kernel draws them; else empty.
     kept: tuple[torch.Tensor, ...]
 
 
@@ -220,7 +222,8 @@ def _round_forward(x_t: torch.Tensor, w: _Weights, st: _Static, t: int,
     y = mix @ w.down.t()
     lora_down_in = (c * pair_weights.unsqueeze(-1) * a_down).to(cd)
     y = y.to(acc).add_(plan.expand_tokens(lora_down_in, w.bt_down))
-    kept = () if opt.recompute_intermediates else (*base, *(masks or ()))
+    keep_masks = masks is not None and not mask_draw.draws_masks_in_one_pass(x_t.device)
+    kept = () if opt.recompute_intermediates else (*base, *(masks if keep_masks else ()))
     return _RoundOut(y.to(x_t.dtype), probs, experts, a_gate_up, a_down, kept)
 
 
