@@ -131,7 +131,7 @@ class Counted:
     saved_bytes: int  # kept for backward (bench.harness.SavedTensorCounter's rule)
 
 
-def _meta_context(s: BenchShape, dropout: float, recompute: bool) -> BenchContext:
+def meta_context(s: BenchShape, dropout: float, recompute: bool) -> BenchContext:
     return BenchContext(shape=s, device=torch.device("meta"), budget_s=0.0, min_rounds=1,
                         max_rounds=1, dropout=dropout, recompute_intermediates=recompute)
 
@@ -141,7 +141,7 @@ def count_step(s: BenchShape, impl: str, dropout: float = 0.0,
     """``impl`` (``dense``, ``torch`` or ``triton``) at shape ``s``: one training step of one
     layer on ``meta`` tensors, ``T`` rounds with the load-balancing loss for the backends, as
     ``bench/test_bench_layer.py`` times it."""
-    ctx = _meta_context(s, dropout, recompute)
+    ctx = meta_context(s, dropout, recompute)
     layer = build_layer(ctx, "torch" if impl == "dense" else impl)
     module = DenseSwiGLU(layer) if impl == "dense" else layer
     x = torch.empty(s.tokens, s.d, device="meta", dtype=s.dtype, requires_grad=True)

@@ -13,6 +13,7 @@ import inspect
 import pytest
 import torch
 import triton
+from graphmoe_fused.kernels import dropout
 from graphmoe_fused.kernels.expert import backward, down, gate_up, layout
 from graphmoe_fused.kernels.gru import lowrank_gru
 from graphmoe_fused.kernels.routing import router_topk
@@ -20,7 +21,7 @@ from graphmoe_fused.kernels.utils import interpreter_incompatibility, is_interpr
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 # The GRU backward's module by its full name: the package exports a function of the same name.
-MODULES = (router_topk, layout, gate_up, down, backward, lowrank_gru,
+MODULES = (router_topk, layout, gate_up, down, backward, lowrank_gru, dropout,
            importlib.import_module("graphmoe_fused.kernels.gru.lowrank_gru_backward"))
 # The argument whose device a call runs on: the activation the outputs are allocated beside.
 DEVICE_ARGS = {
@@ -30,8 +31,10 @@ DEVICE_ARGS = {
     "expert_gate_up": "x",
     "expert_down": "h_mix",
     "fused_lowrank_gru": "x",
+    "gru_project": "x",
     "expert_round_backward": "x",
     "lowrank_gru_backward": "y",
+    "keep_rows_mask": "row_bits",
 }
 
 

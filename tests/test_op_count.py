@@ -11,11 +11,11 @@ from bench.harness import DenseSwiGLU, SavedTensorCounter, build_layer
 from bench.op_count import (
     TRITON_ROUND_OPS,
     Op,
-    _meta_context,
     count_ops,
     count_step,
     floor,
     launches,
+    meta_context,
     report,
 )
 from bench.roofline import ALL_GPUS
@@ -63,7 +63,7 @@ def test_meta_saved_bytes_equal_the_cpu_count():
     """The saved-tensor rule keys meta storages as it keys real ones (views share one)."""
     s = TINY
     meta = count_step(s, "dense")
-    ctx = replace(_meta_context(s, 0.0, False), device=torch.device("cpu"))
+    ctx = replace(meta_context(s, 0.0, False), device=torch.device("cpu"))
     layer = DenseSwiGLU(build_layer(ctx, "torch"))
     counter = SavedTensorCounter(layer.parameters())
     with counter.hooks():
