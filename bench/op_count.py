@@ -18,7 +18,6 @@ FLOPs are the matmuls' (:mod:`torch.utils.flop_counter`); elementwise ops count 
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torch.utils.flop_counter import flop_registry
 
 from bench.harness import AUX_LOSS_COEF, BenchContext, DenseSwiGLU, SavedTensorCounter, build_layer
 from bench.roofline import ALL_GPUS, GPUS, dense_round, graphmoe_round, step_floor
-from bench.shapes import SHAPES, BenchShape
+from bench.shapes import SHAPES, BenchShape, print_shape_report
 
 # Peak fp32 FLOP/s without tensor cores (data sheets: A100 SXM, H100 SXM; the H200's are the
 # H100's): torch leaves TF32 off for matmuls by default, so fp32 products run at this rate.
@@ -230,11 +229,7 @@ def report(shape_name: str = "llama3-8b") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.op_count", description=__doc__)
-    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    args = parser.parse_args(argv)
-    print(report(args.shape))
-    return 0
+    return print_shape_report("python -m bench.op_count", __doc__, report, argv)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ reductions apart (they resolve in L2, outside the floor).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from bench.shapes import SHAPES, BenchShape
+from bench.shapes import SHAPES, BenchShape, print_shape_report
 
 # Peak dense bf16 tensor-core FLOP/s and HBM bandwidth (vendor data sheets: A100 SXM 80 GB,
 # H100 SXM); the report's columns. H200 (same tensor cores as the H100 SXM, faster HBM) and
@@ -359,11 +358,7 @@ def report(shape_name: str = "llama3-8b") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__)
-    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    args = parser.parse_args(argv)
-    print(report(args.shape))
-    return 0
+    return print_shape_report("python -m bench.roofline", __doc__, report, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,3 +62,13 @@ def resolve_shape(requested: str | None, device: torch.device) -> BenchShape:
     if name not in SHAPES:
         raise ValueError(f"unknown benchmark shape {name!r}; choose from {sorted(SHAPES)}")
     return SHAPES[name]
+
+
+def print_shape_report(prog: str, description: str | None, report: Callable[[str], str],
+                       argv: Sequence[str] | None = None) -> int:
+    """The command line of a report that takes one ``--shape`` (``bench.roofline``,
+    ``bench.op_count``): prints ``report(shape)``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    print(report(parser.parse_args(argv).shape))
+    return 0

@@ -21,8 +21,8 @@ so ``torch.compile`` keeps it as one node), which returns, besides the outputs, 
 backward needs: the routing, the GRU states, the non-final outputs, each round's rank-r
 ``a_mix`` and, with ``recompute_intermediates=False``, the base gate/up products. The round
 inputs ``x_2..x_T`` are not kept: the backward rebuilds them from the states with the forward's
-own projection launch (``kernels.gru.gru_project``), the same bits for ``[M, d]`` per round
-less memory.
+own projection launch (``kernels.gru.gru_project``): the same bits, ``[M, d]`` less memory per
+non-final round.
 Its registered backward (``graphmoe_fused::rounds_backward``) runs from those: each round's
 experts and each GRU cell on the backward kernels, the chain over the rounds and the router's
 small softmax/top-k backward in PyTorch. Nothing is routed or run forward again, so the gradient
