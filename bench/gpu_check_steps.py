@@ -661,6 +661,27 @@ def kernel_profile(ctx: BenchContext, warmup: int) -> dict[str, Any]:
     return result
 
 
+def floors(ctx: BenchContext) -> dict[str, Any]:
+    """Each implementation's fwd+bwd floor on this GPU, what ``layer``'s times are set against:
+    the dense MLP and the torch backend as eager PyTorch launches them (``bench.op_count``,
+    counted on the meta device), the triton kernels from ``bench.roofline``. A CPU (dry run)
+    gets the H100's."""
+    from bench.op_count import count_step, floor
+    from bench.roofline import gpu_spec, graphmoe_round, step_floor
+
+    s = ctx.shape
+    cuda = ctx.device.type == "cuda"
+    spec = gpu_spec(torch.cuda.get_device_name(ctx.device)) if cuda else "H100"
+    if spec is None:
+        raise Skip("no data-sheet figures for this GPU (bench.roofline.ALL_GPUS)")
+    dense = count_step(s, "dense").ops
+    torch_step = count_step(s, "torch", ctx.dropout, ctx.recompute_intermediates).ops
+    kernels = graphmoe_round(s, ctx.recompute_intermediates)
+    return {"gpu_spec": spec, "fwd_bwd_ms": {
+        "dense": 1e3 * floor(dense, spec), "torch": 1e3 * floor(torch_step, spec),
+        "triton": 1e3 * step_floor(kernels, spec, s.num_rounds)}}
+
+
 def memory(ctx: BenchContext) -> dict[str, Any]:
     """Saved-for-backward bytes per token and CUDA peak of one fwd+bwd, per implementation."""
     result = {}
@@ -760,6 +781,7 @@ def step_benchmarks(sc: StepContext) -> None:
                                     "warmup_calls": warmup, "device": str(sc.device),
                                     "timing": "interleaved, synchronize + perf_counter"})
     sc.rec.check("layer", lambda: layer_timings(ctx, rounds, warmup))
+    sc.rec.check("floors", lambda: floors(ctx))
     sc.rec.check("kernels", lambda: kernel_timings(ctx, rounds, warmup))
     sc.rec.check("kernel_profile", lambda: kernel_profile(ctx, warmup))
     sc.rec.check("rounds_T1_to_T5", lambda: round_timings(ctx, rounds, warmup))

@@ -45,6 +45,8 @@ def test_dry_run_passes_every_step(tmp_path):
     layer = results["steps"]["benchmarks"]["checks"]["layer"]
     assert {"speedup_vs_reference", "speedup_vs_mixlora", "vs_T_dense"} <= set(
         layer["fwd_bwd"]["triton"])
+    floors = results["steps"]["benchmarks"]["checks"]["floors"]
+    assert floors["gpu_spec"] == "H100" and all(v > 0 for v in floors["fwd_bwd_ms"].values())
     assert "## Headline" in report
     assert "| `triton` |" in report and "| `mixlora` |" in report
     kernels = results["steps"]["benchmarks"]["checks"]["kernels"]
