@@ -3,6 +3,7 @@ registers, spills, shared memory and tensor-core instructions per autotune confi
 
     python -m graphmoe_fused.kernels.compile_report [--json PATH] [--arch 80 90] [--jobs N]
                                                    [--modules routing.router_topk ...]
+                                                   [--launches FILE]
 
 Kernel modules register by listing ``COMPILE_SPECS`` (see ``compile_spec.KernelSpec``); the report
 collects them from ``DEFAULT_MODULES``. Each (spec, config, architecture) goes through
@@ -11,6 +12,11 @@ memory (where ptxas puts spills) come from the cubin, through the ``cuobjdump
 --dump-resource-usage`` that triton ships; tensor-core instructions from the PTX (``mma.sync``,
 ``wgmma.mma_async``: ptxas turns them into HMMA / HGMMA, never into anything else). Shared
 memory is triton's dynamic allocation plus any static shared memory.
+
+``--launches FILE`` compiles the launches a run recorded instead (``launch_record``: the
+kernels a configuration other than the benchmark's really launches, at every GPU config of their
+autotuners); there only a compile error or shared memory past the limit is a failure, a spill is
+shown (the autotuner times a spilling config like any other).
 
 ``triton.jit`` under ``TRITON_INTERPRET=1`` returns interpreter objects that cannot be
 compiled, so ``main`` re-runs itself without that variable when it is set.
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -211,22 +217,20 @@ def _read_cubin(cubin: bytes, result: CompileResult) -> int:
     return shared
 
 
-def _compile_task(task: tuple[str, int, int, int]) -> CompileResult:
+# The specs of recorded launches (``run_launches``), set before the workers fork.
+_launch_specs: list[KernelSpec] = []
+
+
+def _compile_task(task: tuple[str | None, int, int, int]) -> CompileResult:
     # Runs in a worker: specs hold jit functions, which do not pickle, so they are looked up
-    # again by (module, index).
+    # again by (module, index); module None: a recorded launch.
     module, spec_index, config_index, arch = task
-    spec = importlib.import_module(module).COMPILE_SPECS[spec_index]
+    spec = (_launch_specs if module is None
+            else importlib.import_module(module).COMPILE_SPECS)[spec_index]
     return compile_one(spec, spec.configs[config_index], arch)
 
 
-def run_report(
-    modules: Iterable[str] = DEFAULT_MODULES, archs: Sequence[int] = DEFAULT_ARCHS, jobs: int = 1
-) -> list[CompileResult]:
-    """Compiles every config of every collected spec for every architecture, in ``jobs``
-    processes (compiling is single-threaded Python plus ptxas)."""
-    entries = _collect(modules)
-    tasks = [(module, i, c, arch) for module, i, spec in entries
-             for c in range(len(spec.configs)) for arch in archs]
+def _run_tasks(tasks: list[tuple[str | None, int, int, int]], jobs: int) -> list[CompileResult]:
     if jobs <= 1 or len(tasks) <= 1:
         return [_compile_task(t) for t in tasks]
     # fork: the workers inherit the imported kernel modules instead of importing them again.
@@ -235,8 +239,34 @@ def run_report(
         return list(pool.map(_compile_task, tasks))
 
 
-def format_table(results: Sequence[CompileResult]) -> str:
-    """A fixed-width table, one row per (kernel, config, architecture)."""
+def run_report(
+    modules: Iterable[str] = DEFAULT_MODULES, archs: Sequence[int] = DEFAULT_ARCHS, jobs: int = 1
+) -> list[CompileResult]:
+    """Compiles every config of every collected spec for every architecture, in ``jobs``
+    processes (compiling is single-threaded Python plus ptxas)."""
+    return _run_tasks([(module, i, c, arch) for module, i, spec in _collect(modules)
+                       for c in range(len(spec.configs)) for arch in archs], jobs)
+
+
+def run_launches(path: str, archs: Sequence[int] = DEFAULT_ARCHS,
+                 jobs: int = 1) -> list[CompileResult]:
+    """Compiles every launch recorded in ``path`` (``launch_record.write_launches``) at every
+    config it may run with, for every architecture."""
+    from .launch_record import launch_spec, read_launches
+
+    _launch_specs[:] = [launch_spec(r) for r in read_launches(path)]
+    return _run_tasks([(None, i, c, arch) for i, spec in enumerate(_launch_specs)
+                       for c in range(len(spec.configs)) for arch in archs], jobs)
+
+
+def launch_ok(result: CompileResult) -> bool:
+    """A recorded launch's row passes when it compiles within the shared memory limit."""
+    return not result.error and 0 <= result.shared_bytes <= result.shared_limit
+
+
+def format_table(results: Sequence[CompileResult],
+                 ok: Callable[[CompileResult], bool] = CompileResult.ok.fget) -> str:
+    """A fixed-width table, one row per (kernel, config, architecture); ``ok`` judges a row."""
     header = ("kernel", "config", "w", "s", "sm", "regs", "spill", "smem KB", "tensor cores",
               "s/compile", "")
     rows = [header]
@@ -246,7 +276,7 @@ def format_table(results: Sequence[CompileResult]) -> str:
             r.kernel, r.config, str(r.num_warps), str(r.num_stages), str(r.arch),
             str(r.registers), str(r.spill_bytes), f"{r.shared_bytes / 1024:.1f}", tc,
             f"{r.seconds:.1f}",
-            ("ok (known spill)" if r.spill_bytes else "ok") if r.ok
+            ("ok (spills)" if r.spill_bytes else "ok") if ok(r)
             else ("ERROR " + r.error if r.error else "FAIL"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -268,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile in this many processes (default: up to 4 cores)")
     parser.add_argument("--modules", nargs="+", default=list(DEFAULT_MODULES),
                         help="kernel modules to collect COMPILE_SPECS from")
+    parser.add_argument("--launches", metavar="FILE",
+                        help="compile the launches recorded in FILE (launch_record) instead")
     args = parser.parse_args(argv)
 
     from .utils import is_interpreter
@@ -280,9 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # keep compiler chatter off the table
-        results = run_report(args.modules, args.arch, args.jobs)
-    print(format_table(results))
-    bad = [r for r in results if not r.ok]
+        results = (run_launches(args.launches, args.arch, args.jobs) if args.launches
+                   else run_report(args.modules, args.arch, args.jobs))
+    ok = launch_ok if args.launches else CompileResult.ok.fget
+    print(format_table(results, ok))
+    bad = [r for r in results if not ok(r)]
     print(f"\n{len(results)} compiles, {len(bad)} not ok, "
           f"{time.perf_counter() - start:.0f} s; shared limits: "
           + ", ".join(f"sm_{a} {SHARED_LIMIT[a] // 1024} KB" for a in args.arch))
