@@ -49,7 +49,7 @@ class Op:
     name: str
     flops: float
     bytes: float
-    tensor_cores: bool  # a matmul in bf16/fp16 (else fp32 rate)
+    tensor_cores: bool  # a matmul of bf16/fp16 operands (else fp32 rate)
 
     def floor(self, gpu: str) -> float:
         peak, bandwidth = ALL_GPUS[gpu]
@@ -88,7 +88,9 @@ class OpCounter(TorchDispatchMode):
         flops = 0.0
         if func.overloadpacket in flop_registry:
             flops = float(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
-        tensor_cores = bool(flops) and all(t.dtype in TENSOR_CORE_DTYPES for t in writes)
+        # By the operands: a bf16/fp16 product with an fp32 result (``mm(out_dtype=)``) still
+        # runs on tensor cores.
+        tensor_cores = bool(flops) and all(t.dtype in TENSOR_CORE_DTYPES for t in reads)
         moved = sum(_extent(t) for t in reads) + sum(_extent(t) for t in writes)
         self.ops.append(Op(str(func.overloadpacket), flops, float(moved), tensor_cores))
         return out

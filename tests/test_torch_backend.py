@@ -407,8 +407,10 @@ def test_bf16_error_within_reference_error(plan, recompute, mode):
     reference's own bf16 error."""
     dtype = torch.float32 if mode == "autocast" else torch.bfloat16
     autocast = torch.bfloat16 if mode == "autocast" else None
+    # GRU width 8 (ratio 0.25 of d = 32): at the default 0.1 it is 3, and the error of the
+    # 3-element bias gradient is the luck of one or two roundings.
     layer = make_layer(num_experts=8, lora_r=8, num_rounds=3, recompute_intermediates=recompute,
-                       dtype=dtype)
+                       dtype=dtype, gru_hidden_ratio=0.25)
     x = decided_tokens(layer, 40, seed=3, rounding=torch.bfloat16)
     opt = layer.round_options()
     exact = run_with_grads(graphmoe_reference, copy.deepcopy(layer).double(), x.double(), opt)
@@ -433,11 +435,10 @@ def test_bf16_error_within_reference_error(plan, recompute, mode):
     for fast, slow, truth in pairs:
         # Both round every GEMM operand and output to bf16, so both land near 1e-2 relative
         # (norm) error here; the torch path keeps a little more in fp32 (rank-r activations,
-        # the GRU gates), and measures 0.7-1.25× the reference's own bf16 error across the
-        # output, probabilities and all 15 gradients, in both modes (1.52× once, at 9e-3, on
-        # the 3-element GRU bias gradient, where a single rounding decides). 1.5× plus a
-        # quarter bf16 ulp (2e-3) covers that rounding-order luck; a real bug (a wrong term or
-        # scale) shows up as O(1).
+        # the GRU gates), and measures 0.5-1.6× the reference's own bf16 error across the
+        # output, probabilities and all 15 gradients, in both modes (1.6× on the 8-element GRU
+        # bias gradient, at 1.3e-2 against 8e-3). 1.5× plus half a bf16 ulp (2e-3) covers that
+        # rounding-order luck; a real bug (a wrong term or scale) shows up as O(1).
         assert err(fast, truth) <= 1.5 * err(slow, truth) + 2e-3
         assert err(fast, truth) < 0.05
 

@@ -1,11 +1,15 @@
 """The low-rank GRU step of the torch backend, forward and hand-written backward.
 
 Same maths as :func:`graphmoe_fused.gru.lowrank_gru_reference` (reset-before, ``[h, y]`` order).
-The products run in the compute dtype like every other GEMM of the layer; the gates, the state
-``h`` and the whole backward run in the accumulation dtype (fp32, or fp64 for fp64 inputs): the
-GRU is ``dh ≈ 0.1·d`` wide, so precision costs nothing here. Backward recomputes the gates from
-``(h, y, x)`` instead of keeping them: three ``[M, dh]`` tensors per round not saved, for four
-products of ``dh`` columns.
+The forward products run in the compute dtype like every other GEMM of the layer; the gates, the
+state ``h`` and the backward's elementwise work run in the accumulation dtype (fp32, or fp64 for
+fp64 inputs). The backward's products with a ``d``-wide side (``y``, ``x``, ``W_·y``: ``d·dh``
+MACs per token each) take their operands in the compute dtype and accumulate in the
+accumulation dtype (:func:`rounded_mm`), as the Triton kernels do: in fp32 they ran without
+tensor cores on a GPU, 6 ms of the backend's 46.7 ms H100 floor at llama3-8b
+(``bench.op_count``). The ``dh``-wide ones stay in the accumulation dtype. Backward
+recomputes the gates from ``(h, y, x)`` instead of keeping them: three ``[M, dh]`` tensors per
+round not saved, for four products of ``dh`` columns.
 """
 
 from __future__ import annotations
@@ -37,6 +41,21 @@ def prepare_gru(
     o = weight_o.to(dtype)
     return GRUWeights(zr[:, :dh], zr[:, dh:], o[:, :dh], o[:, dh:], bias_o.to(acc_dtype),
                       weight_g.to(dtype))
+
+
+def rounded_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+               acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in the accumulation dtype ``acc`` with both operands rounded to the compute
+    dtype ``dtype`` first, as a tensor-core GEMM computes it. On CUDA (and ``meta``) it is one
+    bf16/fp16 GEMM with an fp32 result; elsewhere the rounded operands are multiplied in
+    ``acc``: the same numbers up to the order of summation, so the CPU tests check the GPU's
+    numerics."""
+    a, b = a.to(dtype), b.to(dtype)
+    if dtype == acc:
+        return a @ b
+    if a.device.type in ("cuda", "meta") and acc == torch.float32:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
 
 
 class _Gates(NamedTuple):
@@ -85,9 +104,10 @@ def gru_step_backward(
     grad_h_new: torch.Tensor, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
     w: GRUWeights, w_acc: GRUWeights, candidate_input: str, candidate_activation: str,
 ) -> GRUGrads:
-    """Backward of :func:`gru_step`; ``w`` as in forward (to recompute the same gates),
-    ``w_acc`` the same weights in the accumulation dtype (for the gradient products)."""
-    acc = h.dtype
+    """Backward of :func:`gru_step`; ``w`` as in forward (to recompute the same gates, and for
+    the ``d``-wide gradient products), ``w_acc`` the same weights in the accumulation dtype
+    (for the ``dh``-wide ones)."""
+    acc, cd = h.dtype, w.zr_h.dtype
     g = _gates(h, y, x, w, candidate_input, candidate_activation)
     grad_z = grad_h_new * (g.cand - h)
     grad_cand = grad_h_new * g.z
@@ -96,15 +116,14 @@ def gru_step_backward(
         grad_pre = grad_cand * g.cand * (1 - g.cand)
     else:
         grad_pre = grad_cand * (1 - g.cand * g.cand)
-    u = g.u.to(acc)
-    grad_o = torch.cat([grad_pre.t() @ g.rh, grad_pre.t() @ u], 1)
+    grad_o = torch.cat([grad_pre.t() @ g.rh, rounded_mm(grad_pre.t(), g.u, cd, acc)], 1)
     grad_rh = grad_pre @ w_acc.o_h
-    grad_u = grad_pre @ w_acc.o_u
+    grad_u = rounded_mm(grad_pre, w.o_u, cd, acc)
     grad_h += grad_rh * g.r
     grad_zr_pre = torch.cat([grad_z * g.z * (1 - g.z), grad_rh * h * g.r * (1 - g.r)], -1)
-    grad_zr = torch.cat([grad_zr_pre.t() @ h, grad_zr_pre.t() @ y.to(acc)], 1)
+    grad_zr = torch.cat([grad_zr_pre.t() @ h, rounded_mm(grad_zr_pre.t(), y, cd, acc)], 1)
     grad_h.addmm_(grad_zr_pre, w_acc.zr_h)
-    grad_y = grad_zr_pre @ w_acc.zr_y
+    grad_y = rounded_mm(grad_zr_pre, w.zr_y, cd, acc)
     grad_x = None
     if candidate_input == "y":
         grad_y += grad_u

@@ -69,7 +69,7 @@ from ..contract import (
 from ..dropout import slot_row_bits, stream_key, token_row_bits
 from . import masks as mask_draw
 from .expert import PLANS, ExpertPlan, choose_expert_plan, grouped_supported, make_plan
-from .gru import GRUGrads, gru_step, gru_step_backward, prepare_gru
+from .gru import GRUGrads, gru_step, gru_step_backward, prepare_gru, rounded_mm
 from .routing import router_probabilities, select_experts
 from .workspace import Workspace, workspace_for
 
@@ -498,8 +498,8 @@ def rounds_backward(
             grad_x_t = None
             if t < num_rounds - 1:
                 # x_{t+1} = x_t + W_g h_{t+1};  h_{t+1} = GRU(h_t, y_t, x_t)
-                grads.gru_g += grad_x.t() @ states[t]
-                grad_state = grad_x @ gru_acc.g
+                grads.gru_g += rounded_mm(grad_x.t(), states[t], cd, acc)
+                grad_state = rounded_mm(grad_x, w.gru.g, cd, acc)
                 if grad_h is not None:
                     grad_state += grad_h
                 if gru_backward is None:
