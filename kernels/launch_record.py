@@ -62,6 +62,14 @@ class LaunchRecord:
     def name(self) -> str:
         return f"{self.module.rsplit('.', 1)[-1]}.{self.kernel.strip('_')}"
 
+    def gpu_constexprs(self) -> dict[str, Any]:
+        """The constexprs as a GPU launch passes them: ``INTERP_BF16``, the interpreter's own
+        switch, off."""
+        constexprs = dict(self.constexprs)
+        if "INTERP_BF16" in constexprs:
+            constexprs["INTERP_BF16"] = False
+        return constexprs
+
 
 def _is_constexpr(annotation: Any) -> bool:
     # A module with ``from __future__ import annotations`` leaves the annotation a string.
@@ -177,18 +185,15 @@ def read_launches(path: str) -> list[LaunchRecord]:
 
 def launch_spec(record: LaunchRecord) -> KernelSpec:
     """The compile report's spec of a recorded launch (outside the interpreter): the real jit
-    function at each of its GPU configs (:func:`kernel_configs`). ``INTERP_BF16``, the
-    interpreter's own switch, is off, as in every GPU launch."""
+    function at each of its GPU configs (:func:`kernel_configs`)."""
     import triton
 
     fn = getattr(importlib.import_module(record.module), record.kernel)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise TypeError(f"{record.module}.{record.kernel} is not a jit function here (is "
                         "TRITON_INTERPRET still set?)")
-    constexprs = dict(record.constexprs)
-    if "INTERP_BF16" in constexprs:
-        constexprs["INTERP_BF16"] = False
     # Tensor cores are not asserted here: the compile report checks them at the benchmark shape.
+    constexprs = record.gpu_constexprs()
     return KernelSpec(name=record.name, fn=fn, types=dict(record.types), constexprs=constexprs,
                       configs=kernel_configs(fn), aligned=record.aligned, tensor_cores=False,
-                      note=" ".join(f"{k}={v}" for k, v in record.constexprs))
+                      note=" ".join(f"{k}={v}" for k, v in constexprs.items()))

@@ -59,9 +59,7 @@ def _registered(record: LaunchRecord, specs: list) -> tuple[bool, bool]:
     """Whether the record's kernel has a spec, and whether a spec compiles this very launch
     (same argument types and constexprs, the interpreter's switch off as on a GPU)."""
     fn = getattr(importlib.import_module(record.module), record.kernel)
-    constexprs = dict(record.constexprs)
-    if "INTERP_BF16" in constexprs:
-        constexprs["INTERP_BF16"] = False
+    constexprs = record.gpu_constexprs()
     same_fn = [s for s in specs if s.fn is fn]
     covered = any(s.types == dict(record.types) and s.constexprs == constexprs for s in same_fn)
     return bool(same_fn), covered
