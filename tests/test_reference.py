@@ -224,7 +224,7 @@ def test_the_reference_imports_nothing_from_the_backends_it_judges():
     assert "graphmoe_fused.backends.dropout" in imports  # the walk read reference.py
     assert not sorted(m for m in imports if _judged(m))
     # The detector does see such an import where there is one: the triton backend's backward
-    # recomputes with the torch backend, and it launches the kernels.
+    # runs the torch backend's chain over rounds, and it launches the kernels.
     triton_imports = imported_modules("graphmoe_fused.backends.triton")
     assert any(m.startswith("graphmoe_fused.backends.torch") for m in triton_imports)
     assert any(m.startswith("graphmoe_fused.kernels") for m in triton_imports)

@@ -9,6 +9,7 @@ forced-routing expectation are shared with test_triton_backend.py.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import os
@@ -400,18 +401,19 @@ def decided_tokens(layer: gm.GraphMoEMLP, count: int, seed: int,
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("recompute", [True, False])
-@pytest.mark.parametrize("mode", ["autocast", "pure"])
-def test_bf16_error_within_reference_error(plan, recompute, mode):
-    """bf16 under autocast (fp32 layer and input) or pure bf16 (bf16 layer and input): the
-    torch backend's error against exact arithmetic on the same values is no worse than the
-    reference's own bf16 error."""
-    dtype = torch.float32 if mode == "autocast" else torch.bfloat16
+@pytest.mark.parametrize("mode", ["autocast", "pure", "pure-fp16"])
+def test_low_precision_error_within_reference_error(plan, recompute, mode):
+    """bf16 under autocast (fp32 layer and input), pure bf16 or pure fp16 (layer and input in
+    that dtype): the torch backend's error against exact arithmetic on the same values is no
+    worse than the reference's own error in that dtype."""
+    low = torch.float16 if mode == "pure-fp16" else torch.bfloat16
+    dtype = torch.float32 if mode == "autocast" else low
     autocast = torch.bfloat16 if mode == "autocast" else None
     # GRU width 8 (ratio 0.25 of d = 32): at the default 0.1 it is 3, and the error of the
     # 3-element bias gradient is the luck of one or two roundings.
     layer = make_layer(num_experts=8, lora_r=8, num_rounds=3, recompute_intermediates=recompute,
                        dtype=dtype, gru_hidden_ratio=0.25)
-    x = decided_tokens(layer, 40, seed=3, rounding=torch.bfloat16)
+    x = decided_tokens(layer, 40, seed=3, rounding=low)
     opt = layer.round_options()
     exact = run_with_grads(graphmoe_reference, copy.deepcopy(layer).double(), x.double(), opt)
     ref = run_with_grads(graphmoe_reference, layer, x, opt, autocast=autocast)
@@ -432,15 +434,16 @@ def test_bf16_error_within_reference_error(plan, recompute, mode):
     pairs = [(got[0].y, ref[0].y, exact[0].y),
              (got[0].router_probs, ref[0].router_probs, exact[0].router_probs)]
     pairs += [(got[1][n], ref[1][n], exact[1][n]) for n in exact[1]]
+    eps = torch.finfo(low).eps
     for fast, slow, truth in pairs:
-        # Both round every GEMM operand and output to bf16, so both land near 1e-2 relative
-        # (norm) error here; the torch path keeps a little more in fp32 (rank-r activations,
-        # the GRU gates), and measures 0.5-1.6× the reference's own bf16 error across the
-        # output, probabilities and all 15 gradients, in both modes (1.6× on the 8-element GRU
-        # bias gradient, at 1.3e-2 against 8e-3). 1.5× plus half a bf16 ulp (2e-3) covers that
-        # rounding-order luck; a real bug (a wrong term or scale) shows up as O(1).
-        assert err(fast, truth) <= 1.5 * err(slow, truth) + 2e-3
-        assert err(fast, truth) < 0.05
+        # Both round every GEMM operand and output to the dtype, so both land near 1-2 eps
+        # relative (norm) error here; the torch path keeps a little more in fp32 (rank-r
+        # activations, the GRU gates), and measures 0.5-1.6× the reference's own error across
+        # the output, probabilities and all 15 gradients, in all three modes (1.6× on the
+        # 8-element GRU bias gradient in bf16, at 1.3e-2 against 8e-3). 1.5× plus a quarter ulp
+        # covers that rounding-order luck; a real bug (a wrong term or scale) shows up as O(1).
+        assert err(fast, truth) <= 1.5 * err(slow, truth) + eps / 4
+        assert err(fast, truth) < 6.4 * eps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,12 +810,37 @@ def test_tests_run_poisoned():
     assert new_empty((1,), torch.float32, torch.device("cpu")).isnan().all()
 
 
+def _allowed_lines(source: str) -> set[int]:
+    """Lines where an uninitialised allocation is right: the poisoning helpers themselves, and
+    functions registered with ``register_fake`` (they make shapes, not data)."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and (
+            node.name in ("new_empty", "new_output")
+            or any(isinstance(d, ast.Attribute) and d.attr == "register_fake"
+                   for d in node.decorator_list)
+        ):
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
 def test_fast_paths_allocate_only_through_the_poisoning_helper():
-    """A bare ``torch.empty`` in a fast path would escape the NaN poisoning above."""
-    root = pathlib.Path(gm.__file__).parent / "backends"
-    files = [*sorted((root / "torch").glob("*.py")), root / "triton.py", root / "dropout.py"]
+    """A bare ``torch.empty`` in a fast path or a kernel launcher would escape the NaN
+    poisoning above."""
+    import graphmoe_fused.kernels as kernels
+
+    backends = pathlib.Path(gm.__file__).parent / "backends"
+    kernel_root = pathlib.Path(kernels.__file__).parent
+    files = [*sorted((backends / "torch").glob("*.py")),
+             *(backends / name for name in ("triton.py", "triton_ops.py", "dropout.py")),
+             *sorted(kernel_root.rglob("*.py"))]
+    assert (kernel_root / "expert" / "backward.py") in files
     bare = re.compile(r"torch\.empty(_like|_strided)?\(|\.new_empty\(|\bempty_like\(")
-    offenders = [f"{f.name}:{i}" for f in files
-                 for i, line in enumerate(f.read_text().splitlines(), 1)
-                 if bare.search(line.split("#")[0])]
+    offenders = []
+    for f in files:
+        source = f.read_text()
+        allowed = _allowed_lines(source)
+        offenders += [f"{f.parent.name}/{f.name}:{i}"
+                      for i, line in enumerate(source.splitlines(), 1)
+                      if bare.search(line.split("#")[0]) and i not in allowed]
     assert not offenders, offenders

@@ -115,12 +115,16 @@ def test_triton_backend_trains_like_torch(backend_calls):
         loss.backward()
         losses[name] = loss.item()
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert "triton" in backend_calls  # the kernels ran; their backward recomputes with torch
+    assert "triton" in backend_calls  # the kernels ran, forward and backward
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-4, abs=1e-5)
     assert grads["triton"].keys() == grads["torch"].keys()
     for n, g in grads["triton"].items():
         assert g is not None and torch.isfinite(g).all(), n
-        torch.testing.assert_close(g, grads["torch"][n], rtol=1e-3, atol=1e-4, msg=n)
+        # fp32 through different algebra: a few ulps of each tensor's largest entry (a fixed
+        # atol would be wider than some whole gradients: W_r's are ~2e-5 here).
+        want = grads["torch"][n]
+        torch.testing.assert_close(g, want, rtol=0, atol=3e-5 * want.abs().max().item(),
+                                   msg=n)
 
     model = models["triton"]
     model.zero_grad(set_to_none=True)

@@ -874,8 +874,12 @@ def expert_round_backward(
     if deterministic:
         gu_cfg = _fixed_config(_gate_up_backward_tuned, gu_cfg, bucket, R_PAD=r_pad)
         n_tiles = (triton.cdiv(inter, gu_cfg.kwargs["BLOCK_N"]),)
-    dw = zeros(*n_tiles, num_tokens, top_k)
-    da = zeros(*n_tiles, num_tokens, top_k, 2, r_pad)
+    # Each deterministic partial is stored once, so it can be poisoned; atomics need zeros.
+    def partials(*shape):
+        return new_output(shape, torch.float32, x.device) if deterministic else zeros(*shape)
+
+    dw = partials(*n_tiles, num_tokens, top_k)
+    da = partials(*n_tiles, num_tokens, top_k, 2, r_pad)
     launch(
         _gate_up_backward_tuned, _gate_up_backward_kernel,
         tile_grid(num_tokens, inter, "BLOCK_N"),

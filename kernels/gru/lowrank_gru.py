@@ -358,9 +358,9 @@ def _launch_lowrank_gru(
     has_h = h is not None
     if has_h:
         # Workspace for pass 2, rows aligned like h'.
-        ws = torch.empty(2, num_tokens, dh_pad, dtype=torch.float32, device=x.device)
+        ws = new_output((2, num_tokens, dh_pad), torch.float32, x.device)
         z_buf, ou_buf = ws[0], ws[1]
-        rh_buf = torch.empty(num_tokens, dh_pad, dtype=x.dtype, device=x.device)
+        rh_buf = new_output((num_tokens, dh_pad), x.dtype, x.device)
         h_arg, stride_hm = h, h.stride(0)
     else:
         # Pass 1 writes h' itself; the workspace pointers are never dereferenced.

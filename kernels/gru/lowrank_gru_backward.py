@@ -500,7 +500,7 @@ def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
     t = unit_stride_rows(t)
     if t.shape[0] <= 1 or t.stride(0) % _ALIGN == 0:
         return t
-    buf = torch.empty(t.shape[0], ceil_to(t.shape[1], _ALIGN), dtype=t.dtype, device=t.device)
+    buf = new_output((t.shape[0], ceil_to(t.shape[1], _ALIGN)), t.dtype, t.device)
     view = buf[:, :t.shape[1]]
     view.copy_(t)
     return view

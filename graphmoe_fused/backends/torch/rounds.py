@@ -249,8 +249,8 @@ class _Grads:
 
 def _round_backward(
     x_t: torch.Tensor, grad_y: torch.Tensor, grad_probs: torch.Tensor | None,
-    probs: torch.Tensor, experts: torch.Tensor, a_gate_up: torch.Tensor | None,
-    a_down: torch.Tensor | None, kept: tuple[torch.Tensor, ...] | None, w: _Weights,
+    probs: torch.Tensor, experts: torch.Tensor, a_gate_up: torch.Tensor,
+    a_down: torch.Tensor, kept: tuple[torch.Tensor, ...] | None, w: _Weights,
     router_acc: torch.Tensor, st: _Static, t: int, grads: _Grads, need_grad_x: bool,
     ws: Workspace,
 ) -> torch.Tensor | None:
@@ -258,8 +258,8 @@ def _round_backward(
     parameter gradients into ``grads`` and returns ``∂L/∂x_t`` from this round's MoE part.
     ``kept`` is what the forward kept without recomputation (``(G, U)``, plus the keep masks
     with dropout), or ``None`` to recompute (and redraw) it; ``a_gate_up`` / ``a_down`` the
-    saved rank-r LoRA activations, or ``None`` to recompute them (a forward that did not keep
-    them: the triton backend's). ``ws`` holds the ``D'``-wide scratch, reused across rounds."""
+    forward's rank-r LoRA activations. ``ws`` holds the ``D'``-wide scratch, reused across
+    rounds."""
     opt, cd = st.opt, st.compute_dtype
     acc = probs.dtype
     c, r, p = opt.lora_scaling, w.rank, opt.dropout_p
@@ -272,8 +272,6 @@ def _round_backward(
         masks = _dropout_masks(opt, t, x_t, w.gate.shape[0], plan)
     xc = x_t.to(cd)
     x_lora = _lora_input(x_t, xc, masks, p, cd)
-    if a_gate_up is None:
-        a_gate_up = plan.project_tokens(x_lora, w.a_gate_up).to(acc)
     # Only the rank-r deltas are recomputed when (G, U) was kept. Five D'-wide pair buffers
     # from here on, each reused once its value is dead: gate, up, silu, h (later ∂h) and
     # scratch (h ⊙ mask, then ∂y's broadcast W_Dᵀ ∂y); with dropout a sixth, the mask as
@@ -289,10 +287,6 @@ def _round_backward(
     silu = torch.ops.aten.silu.out(gate, out=buffer("silu"))
     h = torch.mul(silu, up, out=buffer("h"))
     h_lora = h if masks is None else _masked_into(buffer("scratch"), h, masks.h)
-    if a_down is None:
-        a_down = plan.project_pairs(h_lora, w.a_down).to(acc)
-        if masks is not None:
-            a_down.mul_(1.0 / (1.0 - p))
 
     # y = W_D Σ_j w_j h_j + c Σ_j w_j B_D[e_j] a_down_j, with a_down_j = A_D[e_j] (h_j ⊙ m_j)/(1-p)
     grad_b_in = plan.project_tokens(grad_yc, w.bt_down).to(acc)  # B_D[e]ᵀ ∂y
@@ -449,11 +443,11 @@ def rounds_backward(
     gru_backward: Callable[..., GRUGrads] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The backward of T rounds from what a forward kept: the routing (``probs``, ``index``),
-    the GRU states ``h_1..h_{T-1}`` and the non-final outputs ``y_1..y_{T-1}``; optionally the
-    rank-r LoRA activations (``rank_r``, per round in the plan's pair layout), the base gate/up
-    products and dropout masks (``kept``: per round ``_RoundOut.kept``) and the round inputs
-    (``inputs``: ``x_1..x_T``),
-    each recomputed when absent. Shared by this backend's Function and the triton backend,
+    the GRU states ``h_1..h_{T-1}`` and the non-final outputs ``y_1..y_{T-1}``; for this
+    module's round backward the rank-r LoRA activations (``rank_r``, per round in the plan's
+    pair layout); optionally the base gate/up products and dropout masks (``kept``: per round
+    ``_RoundOut.kept``) and the round inputs (``inputs``: ``x_1..x_T``), each recomputed when
+    absent. Shared by this backend's Function and the triton backend,
     whose kernel forward keeps the same things.
 
     ``round_backward`` replaces the backward of one round's MoE part (the signature of this
@@ -477,6 +471,8 @@ def rounds_backward(
     states = [s.to(acc) for s in states]
 
     if round_backward is None:
+        if rank_r is None:
+            raise ValueError("rounds_backward: this module's round backward needs rank_r")
         round_backward = functools.partial(_round_backward, ws=workspace_for(x.device))
     with autocast_off(x.device.type):
         w = _Weights(p, cd, acc)
