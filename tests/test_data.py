@@ -195,6 +195,8 @@ MALFORMED = [
     ({**MC, "answer": True}, "field 'answer' must be a label letter"),
     ({**MC, "answer": [0]}, "field 'answer' must be a label letter"),
     ({"question": "q?", "choices": ["B", "A"], "answer": "A"}, "ambiguous"),
+    ({"question": "q?", "choices": ["x", "y", "x"], "answer": "x"},
+     "ambiguous: it is the text of choices A, C"),
 ]
 
 
@@ -221,6 +223,11 @@ def test_missing_file_directory_and_binary(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b'{"instruction": "\xff"}\n')
     with pytest.raises(DataError, match="not UTF-8 text"):
         read_jsonl(tmp_path / "bin.jsonl")
+    # A byte-order mark (what some Windows editors write first) is not part of the JSON.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(INSTR).encode() + b"\n")
+    assert [e.prompt for e in read_jsonl(bom)] == [e.prompt for e in read_jsonl(
+        _write(tmp_path / "plain.jsonl", [INSTR]))]
 
 
 def test_load_data_files_keeps_order_and_checks_every_file(tmp_path):
@@ -234,6 +241,9 @@ def test_load_data_files_keeps_order_and_checks_every_file(tmp_path):
         load_data_files([a, bad])
     with pytest.raises(DataError, match="given twice"):
         load_data_files([a, b, a])
+    other_spelling = f"{tmp_path}/./a.jsonl"
+    with pytest.raises(DataError, match=re.escape(f"given twice (as {a})")):
+        load_data_files([a, other_spelling])
     with pytest.raises(TypeError, match="list of paths"):
         load_data_files(a)
     assert load_data_files([]) == {}

@@ -5,6 +5,7 @@ here, from one unbatched forward per example."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -199,6 +200,12 @@ def test_perplexity_files(tmp_path):
         read_documents(tmp_path / "a.md")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_documents(tmp_path / "missing.txt")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(DataError, match=r"latin\.txt: not UTF-8 text \(byte 3\)"):
+        read_documents(tmp_path / "latin.txt")
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"folder\.jsonl: is a directory"):
+        read_documents(tmp_path / "folder.jsonl")
 
 
 # Characters str.splitlines() breaks on that JSON (ensure_ascii=False) leaves raw in a string.
@@ -305,6 +312,7 @@ def test_eval_puts_base_and_graphmoe_side_by_side(trained, tmp_path, capsys):
         assert entry["n"] == len(files[f])
         assert entry["base"] == want_base[f].accuracy and entry["graphmoe"] == want_gm[f].accuracy
         assert entry["predictions"]["graphmoe"] == list(want_gm[f].predictions)
+        assert entry["predictions"]["base"] == list(want_base[f].predictions)
     pooled = sum(r.correct for r in want_gm.values()) / 5
     assert results["overall"]["n"] == 5 and results["overall"]["graphmoe"] == pytest.approx(pooled)
 
@@ -329,6 +337,27 @@ def test_eval_puts_base_and_graphmoe_side_by_side(trained, tmp_path, capsys):
                            capsys)
     assert status == 1 and "not empty: pass --overwrite" in _one_error(err)
     assert (out / "eval_results.json").read_text() == before
+
+
+def test_base_only_keeps_its_predictions(trained, tmp_path, capsys):
+    _, first, _ = trained
+    status, _, err = _eval(["--data", first, "--out", str(tmp_path / "o")], capsys)
+    assert status == 0, err
+    base_model, tokenizer = load_base_model(None)
+    want = multiple_choice_accuracy(base_model, tokenizer, load_data_files([first])[first])
+    entry = json.loads((tmp_path / "o" / "eval_results.json").read_text())["files"][first]
+    assert entry["predictions"] == {"base": list(want.predictions), "graphmoe": None}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_without_a_gpu_is_refused_before_the_base_runs(trained, monkeypatch, capsys):
+    root, first, _ = trained
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read at call time by the check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, _, err = _eval(["--adapter", str(root / "run"), "--data", first,
+                            "--backend", "triton", "--device", "cpu"], capsys)
+    assert status == 1 and "backend='triton': " in _one_error(err)
+    assert "needs a CUDA device" in err and "base:" not in err  # nothing evaluated
 
 
 def test_a_save_pretrained_checkpoint_gives_the_same_column(trained, tmp_path, capsys):
@@ -466,22 +495,23 @@ def test_evaluation_shares_the_data_and_stats_helpers():
 
 
 @pytest.mark.parametrize("argv, status, message", [
-    (["--temperature", "0.5"], 1, "--temperature applies only with --sample"),
-    (["--sample"], 1, "--sample applies only with --prompt"),
+    # Flags that do not go together: a bad command line (2), after parsing.
+    (["--temperature", "0.5"], 2, "--temperature applies only with --sample"),
+    (["--sample"], 2, "--sample applies only with --prompt"),
+    (["--device", "tpu"], 2, "'tpu' is not a device"),
+    # Values argparse refuses itself (2).
     (["--prompt", "x", "--top-p", "0"], 2, "0 is not in (0, 1]"),
-    (["--no-base"], 1, "--no-base) needs --adapter"),
-    (["--data", "nowhere.jsonl"], 1, "nowhere.jsonl"),
     (["--batch-size", "0"], 2, "0 is not an integer >= 1"),
     (["--cutoff-len", "1"], 2, "1 is not an integer >= 2"),
+    # Inputs refused when the run starts (1).
+    (["--no-base"], 1, "--no-base) needs --adapter"),
+    (["--data", "nowhere.jsonl"], 1, "nowhere.jsonl"),
     (["--model", "no/such/model"], 1, "no/such/model"),
 ])
 def test_bad_flags_are_one_line(argv, status, message, capsys):
-    if status == 2:
-        with pytest.raises(SystemExit) as info:
-            _eval(argv, capsys)
-        assert info.value.code == 2
-        err = capsys.readouterr().err
-    else:
+    try:
         got, _, err = _eval(argv, capsys)
-        assert got == status
+    except SystemExit as exc:  # argparse
+        got, err = exc.code, capsys.readouterr().err
+    assert got == status
     assert message in _one_error(err)

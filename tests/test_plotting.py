@@ -309,6 +309,9 @@ def test_missing_file_and_good_file_write_nothing(tmp_path: Path,
     assert cli([str(stats), str(tmp_path / "nope.json"), "--out", str(tmp_path / "out")]) == 1
     assert "nope.json: no such file" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "run").mkdir()
+    assert cli([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 1
+    assert "run: is a directory; expected a file" in one_error_line(capsys)
 
 
 def test_kind_is_detected_from_content(tmp_path: Path) -> None:

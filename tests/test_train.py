@@ -143,6 +143,15 @@ def test_resume_refuses_changed_settings(tmp_path):
     with pytest.raises(ValueError, match="learning_rate"):
         train(TrainConfig(output_dir=str(out), resume=True, learning_rate=1e-3), log=_quiet,
               progress=False)
+    # max_steps may grow on resume, but not stop at or before the checkpoint: nothing would
+    # train, and the run's files would claim a shorter run.
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for steps in (1, 2):
+        with pytest.raises(ValueError, match=r"step-2 is at step 2 and the run ends at step "
+                                             rf"{steps}: nothing is left to train"):
+            train(TrainConfig(output_dir=str(out), resume=True, max_steps=steps), log=_quiet,
+                  progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 # --- refusals: one line, nothing written --------------------------------------------------------
@@ -189,6 +198,19 @@ def test_existing_output_dir_is_refused_and_overwrite_keeps_user_files(tmp_path)
     assert (out / "notes.txt").read_text() == "mine" and (out / "adapter" / WEIGHTS).is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocasts on a CUDA device")
+def test_fp16_on_a_cpu_is_refused(tmp_path):
+    # accelerate accepts fp16 on a CPU but never autocasts there.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # one process, one mixed precision: let this run set its own
+    try:
+        _refused(tmp_path, ValueError, "mixed_precision='fp16' has no autocast on cpu",
+                 mixed_precision="fp16")
+    finally:
+        AcceleratorState._reset_state()
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     out = tmp_path / "run"
     train(_config(out, max_steps=1), log=_quiet, progress=False)
@@ -219,6 +241,35 @@ def test_config_file_then_flags(tmp_path):
     with pytest.raises(ValueError, match=r"run\.json: unknown key 'lerning_rate'"):
         TrainConfig.from_file(json_file)
     assert read_config_file(json_file) == {"lerning_rate": 1e-3}
+
+
+def test_config_file_values_and_errors(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; the settings take it as YAML 1.2 does.
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("learning_rate: 1e-3\nwarmup_steps: 10\nmax_grad_norm: 2.5E+0\n")
+    cfg = TrainConfig.from_file(yaml_file)
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm) == (1e-3, 10, 2.5)
+    # A bad value names the file, unless a flag replaces it (flags win over the file).
+    yaml_file.write_text("learning_rate: -1\nepochs: 3\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: learning_rate=-1 must be"):
+        TrainConfig.from_sources(yaml_file, {})
+    assert TrainConfig.from_sources(yaml_file, {"learning_rate": 5e-4}).learning_rate == 5e-4
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\nepochs: 3\n")
+    with pytest.raises(DataError, match=r"latin\.yaml: not UTF-8 text \(byte 5\)"):
+        read_config_file(latin)
+    with pytest.raises(DataError, match="is a directory, not a config file"):
+        read_config_file(tmp_path)
+
+
+def test_cli_bad_setting_is_a_bad_flag(tmp_path, capsys):
+    """A value the settings refuse is a bad command line, as one argparse refuses: status 2."""
+    for argv, message in ((["--lr", "-1"], "learning_rate=-1.0 must be a finite number > 0"),
+                          (["--experts", "2", "--top-k", "3"], "top_k=3 must not exceed")):
+        assert train_command.main([*argv, "--output-dir", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_trains_and_prints_a_summary(tmp_path, capsys):

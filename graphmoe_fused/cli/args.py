@@ -18,6 +18,11 @@ INTERRUPTED = 130
 RUN_ERRORS = (ValueError, TypeError, RuntimeError, OSError)
 
 
+class FlagError(ValueError):
+    """A flag whose value, or combination with others, is refused after parsing (a range the
+    settings check, a device this machine lacks): a bad command line, exit status 2."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line: no usage block above the message."""
 
@@ -80,13 +85,19 @@ def positive_float(text: str) -> float:
 
 
 def run_guarded(prog: str, job: Callable[[], int], debug: bool = False) -> int:
-    """Runs ``job``; a refused input (:data:`RUN_ERRORS`) is one line on stderr and exit status
-    1 (``debug`` re-raises it instead), Ctrl-C is one line and 130."""
+    """Runs ``job``; a refused flag (:class:`FlagError`) is one line on stderr and exit status
+    2, as argparse's own errors; a refused input (:data:`RUN_ERRORS`) one line and 1 (``debug``
+    re-raises either instead); Ctrl-C is one line and 130."""
     try:
         return job()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except FlagError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(str(exc))} (see {prog} --help)", file=sys.stderr)
+        return USAGE_ERROR
     except RUN_ERRORS as exc:
         if debug:
             raise

@@ -8,6 +8,7 @@ import sys
 
 from ..config import BACKENDS
 from .args import (
+    FlagError,
     finite_float,
     int_at_least_two,
     non_negative_int,
@@ -129,7 +130,10 @@ def _job(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate
     from ..evaluation.runner import format_extras, format_table
 
-    opts = options_from(args)
+    try:
+        opts = options_from(args)
+    except ValueError as exc:  # flags that do not go together, a device this machine lacks
+        raise FlagError(str(exc)) from None
     report = evaluate(opts, log=lambda line: print(line, file=sys.stderr),
                       warn=lambda line: print(f"{PROG}: warning: {line}", file=sys.stderr))
     for line in format_table(report) + format_extras(report):

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from .args import OneLineParser, finite_float, integer, run_guarded
+from .args import FlagError, OneLineParser, finite_float, integer, run_guarded
 
 PROG = "graphmoe-fused train"
 # Shorter spellings of GraphMoE flags (the demo's names).
@@ -105,10 +105,13 @@ def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, **overrides: Any):
     """Defaults < ``--config FILE`` < the flags < ``overrides``, as a ``TrainConfig``."""
-    from ..training.recipe import TrainConfig
+    from ..training.recipe import OverrideError, TrainConfig
 
-    return TrainConfig.from_sources(getattr(args, "config", None),
-                                    {**setting_flags(args), **overrides})
+    try:
+        return TrainConfig.from_sources(getattr(args, "config", None),
+                                        {**setting_flags(args), **overrides})
+    except OverrideError as exc:
+        raise FlagError(str(exc)) from None
 
 
 def _train(args: argparse.Namespace) -> int:

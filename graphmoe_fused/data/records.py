@@ -68,6 +68,10 @@ def _answer_label(answer: Any, choices: list[str], where: str) -> str:
                             f"{len(choices)} choices (0-based)")
         return labels[answer]
     by_label = answer if len(answer) == 1 and answer in labels else None
+    same_text = [label for label, choice in zip(labels, choices, strict=True) if choice == answer]
+    if len(same_text) > 1:
+        raise DataError(f"{where}: answer {answer!r} is ambiguous: it is the text of choices "
+                        f"{', '.join(same_text)}")
     by_text = labels[choices.index(answer)] if answer in choices else None
     if by_label and by_text and by_label != by_text:
         raise DataError(f"{where}: answer {answer!r} is ambiguous: it is label {by_label} and "
@@ -124,6 +128,22 @@ def parse_record(obj: Any, where: str) -> Example:
                     f"multiple-choice record (question, choices, answer)")
 
 
+def read_text_file(path: str | Path, kind: str) -> str:
+    """The UTF-8 text of the file ``path`` (a leading byte-order mark dropped: editors on
+    Windows write one), or a one-line error naming it: ``FileNotFoundError`` where there is no
+    such file, :class:`DataError` for a directory or bytes that are not UTF-8. ``kind`` names
+    what the file should be (``"JSONL file"``, ``"config file"``)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{kind} {path} does not exist")
+    if p.is_dir():
+        raise DataError(f"{path}: is a directory, not a {kind}")
+    try:
+        return p.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
     r"""``(line number from 1, line)`` of ``text`` split on ``"\n"`` alone (a trailing ``"\r"``
     dropped). Not ``str.splitlines``: that also breaks on U+2028, U+2029, U+0085, ``\x0b``,
@@ -144,15 +164,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
         DataError: a malformed line (``"path:line: ..."``), a file that is not UTF-8 text, or
             one with no examples (``"path: no examples"``).
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    if p.is_dir():
-        raise DataError(f"{path}: is a directory, not a JSONL file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text_file(path, "data file")
     examples = []
     for lineno, line in numbered_lines(text):
         if not line.strip():
@@ -178,9 +190,12 @@ def load_data_files(paths: Sequence[str | Path]) -> dict[str, list[Example]]:
     if isinstance(paths, (str, Path)):
         raise TypeError("load_data_files expects a list of paths, not a single path")
     loaded: dict[str, list[Example]] = {}
+    seen: dict[Path, str] = {}  # the same file under two spellings is still one file
     for path in paths:
-        key = str(path)
-        if key in loaded:
-            raise DataError(f"{key}: data file given twice")
+        key, resolved = str(path), Path(path).resolve()
+        if resolved in seen:
+            also = "" if seen[resolved] == key else f" (as {seen[resolved]})"
+            raise DataError(f"{key}: data file given twice{also}")
+        seen[resolved] = key
         loaded[key] = read_jsonl(path)
     return loaded

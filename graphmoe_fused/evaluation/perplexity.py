@@ -96,8 +96,7 @@ def perplexity(model: nn.Module, tokenizer, texts_or_examples: Sequence, cutoff_
                             batch_size=batch_size).perplexity
 
 
-def _paragraphs(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+def _paragraphs(text: str) -> list[str]:
     documents, current = [], []
     for _, line in numbered_lines(text):  # "\n" only: a form feed or U+2028 is kept as text
         if line.strip():
@@ -110,13 +109,13 @@ def _paragraphs(path: Path) -> list[str]:
     return documents
 
 
-def _text_lines(path: Path) -> list[str] | None:
+def _text_lines(path: Path, text: str) -> list[str] | None:
     """The documents of a ``{"text": ...}`` JSONL file; ``None`` when its first record is not one
     (then it is a training-format file, read by ``read_jsonl``)."""
     from ..data import DataError
 
     documents: list[str] | None = None
-    for number, line in numbered_lines(path.read_text(encoding="utf-8")):
+    for number, line in numbered_lines(text):
         if not line.strip():
             continue
         try:
@@ -146,19 +145,19 @@ def read_documents(path: str | Path) -> list:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: an unknown suffix, a malformed line (``DataError`` "file:line: ..."), or no
-            document at all.
+        ValueError: a directory or non-UTF-8 bytes, an unknown suffix, a malformed line
+            (``DataError`` "file:line: ..."), or no document at all.
     """
     from ..data import DataError, read_jsonl
+    from ..data.records import read_text_file
 
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"perplexity file {path} does not exist")
+    text = read_text_file(file, "perplexity file")
     suffix = file.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        documents: list = _paragraphs(file)
+        documents: list = _paragraphs(text)
     elif suffix in JSONL_SUFFIXES:
-        texts = _text_lines(file)
+        texts = _text_lines(file, text)
         documents = texts if texts is not None else list(read_jsonl(file))
     else:
         raise ValueError(f"perplexity file {path}: unknown format {suffix or '(no suffix)'!r}, "

@@ -117,7 +117,8 @@ def _accuracy_entry(results: dict[str, MCResult | None]) -> dict[str, Any]:
         r = results.get(c)
         entry[f"{c}_correct"] = r.correct if r is not None else None
     if all(r is None or r.predictions for r in results.values()):
-        entry["predictions"] = {c: (list(r.predictions) if r is not None else None)
+        entry["predictions"] = {c: (list(results[c].predictions)
+                                    if results.get(c) is not None else None)
                                 for c in COLUMNS}
     return entry
 
@@ -177,6 +178,13 @@ def load_inputs(opts: EvalOptions) -> tuple[dict[str, list], list | None]:
 def _check_options(opts: EvalOptions) -> None:
     if not opts.base and opts.adapter is None:
         raise ValueError("nothing to evaluate: skipping the base (--no-base) needs --adapter")
+    if opts.backend == "triton" and opts.adapter is not None:
+        # Before the base column runs, which on a real model takes as long as the adapter's.
+        from ..backends.triton import unavailable_reason
+
+        reason = unavailable_reason(torch.device(opts.device))
+        if reason is not None:
+            raise ValueError(f"backend='triton': {reason}")
 
 
 def _check_examples(files: dict[str, list]) -> None:

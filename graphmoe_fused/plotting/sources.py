@@ -32,6 +32,8 @@ def read_input(path: str | Path) -> PlotInput:
     """Parses ``path`` and detects its kind; FileNotFoundError or a one-line ValueError naming
     the file (and the line, for a train log) otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a file: {KNOWN}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:

@@ -43,8 +43,8 @@ from .outputs import (
     ROUTING_FILE,
     EventLog,
     check_output_dir,
+    checkpoint_dirs,
     default_output_dir,
-    newest_checkpoint,
     read_events,
     remove_previous_results,
     write_atomic,
@@ -133,6 +133,12 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         # With one round the GRU is never used: DDP must not wait for its gradients.
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=prep.config.num_rounds == 1)])
+    if accelerator.mixed_precision != "no" and not accelerator.native_amp:
+        # accelerate accepts fp16 on a CPU but never autocasts there: a low-precision base
+        # would meet fp32 adapters, and an fp32 one would train in fp32 under the fp16 label.
+        raise ValueError(f"mixed_precision={accelerator.mixed_precision!r} has no autocast on "
+                         f"{accelerator.device.type} (accelerate runs fp16 on a CUDA device "
+                         "only); use bf16 or no")
     cfg, out = prep.config, prep.output_dir
     world, rank = accelerator.num_processes, accelerator.process_index
     # accelerate's FSDP2 wraps the model in prepare(); otherwise fsdp=True shards it here.
@@ -153,7 +159,7 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
                          "checkpoints): drop them or run without FSDP")
     accumulation = cfg.accumulation_steps(world)
     model = prep.model
-    dtypes = _training_dtypes(model, autocast=accelerator.mixed_precision != "no")
+    dtypes = _training_dtypes(model, autocast=accelerator.native_amp)
 
     accelerator.wait_for_everyone()  # every process has checked the directory before it fills
     if main:  # validated: from here on we write
@@ -178,7 +184,7 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_examples = len(prep.features)
     per_epoch = order.steps_per_epoch(num_examples, cfg.batch_size)
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    total_steps = _total_steps(cfg, num_examples)
     scheduler = _scheduler(cfg, optimizer.optimizer, total_steps)
 
     start_step, tokens_before, elapsed_before = 0, 0, 0.0
@@ -412,8 +418,19 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
         raise ValueError(f"cannot convert {cfg.model or 'the built-in model'}: {exc}") from None
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
-    resume_from = newest_checkpoint(out) if cfg.resume else None
+    resume_from = None
+    if cfg.resume and (found := checkpoint_dirs(out)):
+        done, resume_from = found[-1]
+        total = _total_steps(cfg, len(features))
+        if done >= total:
+            raise ValueError(f"--resume: {resume_from} is at step {done} and the run ends at "
+                             f"step {total}: nothing is left to train (set --max-steps above "
+                             f"{done})")
     return _Prepared(cfg, out, model, tokenizer, features, eval_sets, resume_from)
+
+
+def _total_steps(cfg: TrainConfig, num_examples: int) -> int:
+    return cfg.max_steps or cfg.epochs * order.steps_per_epoch(num_examples, cfg.batch_size)
 
 
 def _shard_from_cpu(model: torch.nn.Module, device: torch.device, world: int) -> None:

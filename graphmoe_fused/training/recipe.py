@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +206,10 @@ class TrainConfig:
             if key not in known:
                 raise ValueError(f"{source}: unknown key {key!r} (known keys: "
                                  f"{', '.join(sorted(known))})")
-        return cls(**dict(values), user_set=frozenset(values))
+        try:
+            return cls(**dict(values), user_set=frozenset(values))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -215,12 +219,25 @@ class TrainConfig:
     @classmethod
     def from_sources(cls, path: str | Path | None = None,
                      overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-        """Defaults < the file at ``path`` < ``overrides`` (e.g. the command line's flags)."""
+        """Defaults < the file at ``path`` < ``overrides`` (e.g. the command line's flags).
+
+        Raises:
+            ValueError: a bad key or value in the file (one the overrides do not replace).
+            OverrideError: the overrides make the settings invalid.
+        """
         values = dict(read_config_file(path)) if path is not None else {}
-        if path is not None:
-            cls.from_dict(values, str(path))  # names a bad key or value in the file itself
-        values.update(overrides or {})
-        return cls.from_dict(values, "command line" if path is None else f"{path} + flags")
+        overrides = dict(overrides or {})
+        if path is not None:  # names a bad key or value in the file itself (unless a flag wins)
+            cls.from_dict({k: v for k, v in values.items() if k not in overrides}, str(path))
+        values.update(overrides)
+        try:
+            return cls.from_dict(values, "command line" if path is None else f"{path} + flags")
+        except ValueError as exc:  # the defaults and the file alone are valid
+            raise OverrideError(str(exc)) from None
+
+
+class OverrideError(ValueError):
+    """A setting given over the defaults and the file (a command-line flag) is refused."""
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:
@@ -230,17 +247,15 @@ def config_fields() -> tuple[dataclasses.Field, ...]:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML/JSON config file; one-line errors naming the file."""
+    from ..data.records import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "config file")
     try:
         if path.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = _yaml_load(text)
     except ValueError as exc:  # json.JSONDecodeError
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
     except Exception as exc:  # yaml.YAMLError
@@ -251,6 +266,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a mapping of settings at the top level, got "
                          f"{type(values).__name__}")
     return values
+
+
+# YAML 1.1, which PyYAML reads, has no float without a dot: it reads 1e-3 (how the README and
+# most configs write a learning rate) as a string. YAML 1.2's float forms are added.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+def _yaml_load(text: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT,
+                                 list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
 
 
 def _default(f: dataclasses.Field) -> Any:
