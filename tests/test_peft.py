@@ -218,8 +218,16 @@ def test_refusals():
     with pytest.raises(TypeError, match="attention_lora=False"):
         gm.apply_graphmoe(peft.get_peft_model(tiny_model("llama"), lora_config()),
                           graphmoe_config(attention_lora=True))
-    with pytest.raises(ValueError, match="Leave gate_proj/up_proj/down_proj out"):
-        gm.get_peft_model(converted("llama"), lora_config(["up_proj"]))
+    # Refused before PEFT wraps anything: the model is as it was, and a corrected config works.
+    model = converted("llama")
+    before = {n: (type(m), [p.requires_grad for p in m.parameters(recurse=False)])
+              for n, m in model.named_modules()}
+    for config in (lora_config(["up_proj", "q_proj"]), lora_config(target_modules="all-linear")):
+        with pytest.raises(ValueError, match="Leave gate_proj/up_proj/down_proj out"):
+            gm.get_peft_model(model, config)
+        assert {n: (type(m), [p.requires_grad for p in m.parameters(recurse=False)])
+                for n, m in model.named_modules()} == before
+    assert gm.count_parameters(gm.get_peft_model(model, lora_config())).trainable > 0
     with pytest.raises(TypeError, match="expects a peft.PeftModel"):
         gm.prepare_peft_model(converted("llama"))
     with pytest.raises(ValueError, match="holds no GraphMoE layers"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -172,3 +173,25 @@ def test_resuming_from_a_checkpoint_continues_the_run(tmp_path):
     expected = _trainable(straight)
     for name, value in _trainable(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_evaluate_and_predict_give_compute_metrics_the_logits(tmp_path):
+    """The layers' aux_loss joins every output; Trainer must not return it as a prediction
+    beside the logits (compute_metrics then gets a tuple, and a standard argmax fails)."""
+    model = _model()
+    examples = _examples()
+    seen = []
+
+    def accuracy(pred):
+        seen.append(type(pred.predictions))
+        hits = pred.predictions.argmax(-1) == pred.label_ids
+        return {"acc": float(hits[pred.label_ids != -100].mean())}
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                             per_device_eval_batch_size=4)
+    trainer = Trainer(model=model, args=args, eval_dataset=examples, compute_metrics=accuracy)
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_acc"] <= 1.0 and "eval_loss" in metrics
+    predicted = trainer.predict(examples)
+    assert predicted.predictions.shape == (len(examples), SEQ_LEN, VOCAB)
+    assert seen and all(t is np.ndarray for t in seen)

@@ -163,6 +163,11 @@ def apply_graphmoe(model: nn.Module, config: GraphMoEConfig | None = None) -> nn
     if hf_config is not None and not isinstance(hf_config, GraphMoEConfig):
         # A plain dict so that save_pretrained's config.json records how the model was converted.
         setattr(hf_config, CONFIG_ATTRIBUTE, config.to_dict())
+        # Outputs gain aux_loss; Trainer's evaluate/predict would return it beside the logits
+        # as predictions (a tuple compute_metrics does not expect) unless told to leave it out.
+        ignored = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or [])
+        if "aux_loss" not in ignored:
+            hf_config.keys_to_ignore_at_inference = [*ignored, "aux_loss"]
     install_routing_hooks(target, [name for name, _ in layers], config)
     if is_peft_model(model):
         from .pretrained import prepare_peft_model

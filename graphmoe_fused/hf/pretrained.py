@@ -92,6 +92,23 @@ def _check_experts_not_peft_targets(inner: nn.Module) -> None:
         )
 
 
+def _check_peft_config_spares_experts(inner: nn.Module, peft_config) -> None:
+    """:func:`_check_experts_not_peft_targets` for a PEFT config not applied yet."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = getattr(peft_config, "target_modules", None)
+    for name in graphmoe_layers(inner):
+        for proj in MLP_PROJECTIONS:
+            key = f"{name}.{proj}"
+            if targets == "all-linear" or (targets and check_target_module_exists(peft_config,
+                                                                                 key)):
+                raise ValueError(
+                    f"the PEFT config targets GraphMoE's frozen base projections ({key}, ...): "
+                    "GraphMoE computes its experts from those weights directly, so these "
+                    "adapters would be ignored. Leave gate_proj/up_proj/down_proj out of "
+                    "target_modules (and do not use 'all-linear')")
+
+
 def prepare_peft_model(model: nn.Module) -> nn.Module:
     """Makes a ``PeftModel`` that holds GraphMoE layers train and save them; returns it.
 
@@ -181,6 +198,9 @@ def get_peft_model(model: nn.Module, peft_config, *args, **kwargs) -> nn.Module:
     is exactly ``peft.get_peft_model`` (``apply_graphmoe`` on the result prepares it later)."""
     import peft
 
+    inner = unwrap_peft(model)
+    if is_converted(inner):  # refused before PEFT wraps (and freezes) anything in place
+        _check_peft_config_spares_experts(inner, peft_config)
     peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
     if is_converted(unwrap_peft(peft_model)):
         prepare_peft_model(peft_model)

@@ -642,5 +642,13 @@ def graphmoe_torch_unchecked(
     check_frozen_base(p, "torch")
     cd = compute_dtype(x)
     plan = _plan_for(x, p, expert_plan)
-    y, probs, index = _GraphMoEFunction.apply(x, _Static(opt, cd, plan), expert_index, *p)
+    apply = _apply_with_dropout if opt.dropout_p > 0 else _GraphMoEFunction.apply
+    y, probs, index = apply(x, _Static(opt, cd, plan), expert_index, *p)
     return RoutedOutput(y, probs, index)
+
+
+# With dropout, each call has a new seed, which the masks' keys hash on the host. Traced by
+# Dynamo, the seed is a constant to recompile for at every step, then a symbolic integer whose
+# 32-bit hash Inductor's symbolic maths does not finish simplifying. The Function then runs
+# eagerly inside a compiled model (a graph break around it); without dropout it is traced.
+_apply_with_dropout = torch.compiler.disable(_GraphMoEFunction.apply)
