@@ -82,14 +82,22 @@ def _graphmoe_names_in(model: nn.Module) -> dict[str, nn.Parameter]:
 def _check_experts_not_peft_targets(inner: nn.Module) -> None:
     # The experts read gate/up/down_proj.weight directly: a PEFT layer there would be ignored.
     wrapped = peft_wrapper_names(inner)
-    hits = [f"{name}.{proj}" for name in graphmoe_layers(inner) for proj in MLP_PROJECTIONS
-            if f"{name}.{proj}" in wrapped]
+    hits = [key for key in _expert_projections(inner) if key in wrapped]
     if hits:
-        raise ValueError(
-            f"PEFT adapters sit on GraphMoE's frozen base projections ({hits[0]}, ...): GraphMoE "
-            "computes its experts from those weights directly, so these adapters would be ignored. "
-            "Leave gate_proj/up_proj/down_proj out of the PEFT config's target_modules."
-        )
+        raise _experts_targeted(f"PEFT adapters sit on GraphMoE's frozen base projections "
+                                f"({hits[0]}, ...)")
+
+
+def _expert_projections(inner: nn.Module) -> list[str]:
+    return [f"{name}.{proj}" for name in graphmoe_layers(inner) for proj in MLP_PROJECTIONS]
+
+
+def _experts_targeted(what: str) -> ValueError:
+    return ValueError(
+        f"{what}: GraphMoE computes its experts from those weights directly, so these adapters "
+        "would be ignored. Leave gate_proj/up_proj/down_proj out of the PEFT config's "
+        "target_modules (and do not use 'all-linear')."
+    )
 
 
 def _check_peft_config_spares_experts(inner: nn.Module, peft_config) -> None:
@@ -97,16 +105,10 @@ def _check_peft_config_spares_experts(inner: nn.Module, peft_config) -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     targets = getattr(peft_config, "target_modules", None)
-    for name in graphmoe_layers(inner):
-        for proj in MLP_PROJECTIONS:
-            key = f"{name}.{proj}"
-            if targets == "all-linear" or (targets and check_target_module_exists(peft_config,
-                                                                                 key)):
-                raise ValueError(
-                    f"the PEFT config targets GraphMoE's frozen base projections ({key}, ...): "
-                    "GraphMoE computes its experts from those weights directly, so these "
-                    "adapters would be ignored. Leave gate_proj/up_proj/down_proj out of "
-                    "target_modules (and do not use 'all-linear')")
+    for key in _expert_projections(inner):
+        if targets == "all-linear" or (targets and check_target_module_exists(peft_config, key)):
+            raise _experts_targeted(f"the PEFT config targets GraphMoE's frozen base projections "
+                                    f"({key}, ...)")
 
 
 def prepare_peft_model(model: nn.Module) -> nn.Module:

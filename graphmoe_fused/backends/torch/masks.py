@@ -26,7 +26,8 @@ def draws_masks_in_one_pass(device: torch.device) -> bool:
     return device.type in ("cuda", "meta") and importlib.util.find_spec("triton") is not None
 
 
-# A custom op, so torch.compile takes the torch backend with it as one opaque node.
+# A custom op: one opaque node for a compiler tracing it (under torch.compile the torch backend's
+# Function runs eagerly when dropout is on: see rounds._apply_with_dropout).
 @torch.library.custom_op("graphmoe_fused::keep_rows_mask", mutates_args=())
 def keep_rows_kernel(row_bits: torch.Tensor, num_cols: int, threshold: int) -> torch.Tensor:
     """``kernels.dropout.keep_rows_mask`` as a ``torch.library`` op."""
