@@ -34,11 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 # Seconds per step on a GPU (the total stays under 8 minutes); --step-timeout overrides.
-STEP_TIMEOUTS = {"environment": 20, "correctness": 160, "benchmarks": 160, "compile": 130}
+# The environment step imports torch, transformers and triton and starts CUDA on a machine that
+# has just booted: 40 s, not less.
+STEP_TIMEOUTS = {"environment": 40, "correctness": 160, "benchmarks": 160, "compile": 110}
 TOTAL_BUDGET = 470
 MIN_STEP = 20  # kept back for each later step when an earlier one runs long
 DRY_TIMEOUT = 120
@@ -112,8 +115,14 @@ def run_step_process(step: str, dry_run: bool, timeout: float, work: str, log: A
     try:
         code: int | None = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the step and anything it started (ncu, ptxas workers)
-        proc.wait()
+        try:
+            os.killpg(proc.pid, 9)  # the step and anything it started (ncu, ptxas workers)
+        except ProcessLookupError:  # it exited as its box ended
+            pass
+        try:  # a process stuck in the GPU driver may outlive SIGKILL for a while
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
         code = None
     entry: dict[str, Any] = {"checks": {}, **read_json(result)}
     entry["seconds"] = round(time.perf_counter() - start, 1)
@@ -160,6 +169,7 @@ def run_all(out: str, dry_run: bool, steps: list[str], step_timeout: float | Non
     started = time.time()
     log_path = os.path.join(out, "gpu_check-running.log")
     results: dict[str, Any] = {"dry_run": dry_run, "started": _now(), "steps": {}}
+    stem = ""
     with tempfile.TemporaryDirectory() as work, open(log_path, "w", encoding="utf-8") as log:
         for i, step in enumerate(steps):
             left = TOTAL_BUDGET - (time.time() - started) - MIN_STEP * (len(steps) - i - 1)
@@ -169,17 +179,31 @@ def run_all(out: str, dry_run: bool, steps: list[str], step_timeout: float | Non
             entry = run_step_process(step, dry_run, timeout, work, log)
             results["steps"][step] = entry
             _say(log, f"== step {step}: {entry['status']} in {entry['seconds']} s")
-        results["wall_s"] = round(time.time() - started, 1)
-        stem = os.path.join(out, f"{datetime.date.today().isoformat()}-{device_slug(results)}")
-        with open(stem + ".json", "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, default=str)
-        report = markdown(results)
-        with open(stem + ".md", "w", encoding="utf-8") as f:
-            f.write(report)
+            # Named once the GPU is known, and rewritten after every step: a run killed from
+            # outside (a loan's own time limit) still leaves every finished step's figures.
+            stem = stem or os.path.join(
+                out, f"{datetime.date.today().isoformat()}-{device_slug(results)}")
+            results["wall_s"] = round(time.time() - started, 1)
+            report = write_results(stem, results)
         print(report, flush=True)
         _say(log, f"wrote {stem}.json, {stem}.md, {stem}.log ({results['wall_s']} s)")
     os.replace(log_path, stem + ".log")
     return 0 if all(s["status"] == "PASS" for s in results["steps"].values()) else 1
+
+
+def write_results(stem: str, results: dict[str, Any]) -> str:
+    """Writes ``stem.json`` and ``stem.md`` (each replaced whole, never half-written); returns
+    the report. A report that fails to render says so; the JSON holds the figures anyway."""
+    try:
+        report = markdown(results)
+    except Exception:  # noqa: BLE001 - the figures must reach the disk whatever the report does
+        report = "# GPU check\n\nThe report failed to render; the figures are in the JSON.\n\n" \
+                 f"```\n{traceback.format_exc()}```\n"
+    for suffix, text in ((".json", json.dumps(results, indent=1, default=str)), (".md", report)):
+        with open(stem + suffix + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(stem + suffix + ".tmp", stem + suffix)
+    return report
 
 
 def _now() -> str:

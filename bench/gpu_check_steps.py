@@ -152,7 +152,10 @@ def _run(cmd: list[str], timeout: float = 20) -> str | None:
 def step_environment(sc: StepContext) -> None:
     def versions() -> dict[str, Any]:
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = _run(["git", "-C", repo, "rev-parse", "HEAD"])
+        # A copy of the working tree without .git (how GPU loans ship it) names its commit
+        # in GRAPHMOE_GIT_COMMIT.
+        commit = (_run(["git", "-C", repo, "rev-parse", "HEAD"])
+                  or os.environ.get("GRAPHMOE_GIT_COMMIT"))
         dirty = _run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"])
         return {
             "python": platform.python_version(), "platform": platform.platform(),

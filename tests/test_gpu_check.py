@@ -157,3 +157,29 @@ def test_a_failing_or_hanging_check_process_is_recorded_and_the_others_run(tmp_p
     assert "inject" in hung["traceback"]  # its stack, dumped on SIGTERM
     first = next(iter(checks))
     assert first.startswith("dry/") and checks[first]["status"] == "PASS"
+
+
+def test_results_are_on_disk_after_each_step_even_when_the_report_fails(tmp_path, monkeypatch):
+    from bench import gpu_check
+
+    seen: list[list[str]] = []
+
+    def fake_step(step, dry_run, timeout, work, log):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))  # before this step runs
+        return {"status": "PASS", "seconds": 0.0, "checks": {step: {"status": "PASS"}}}
+
+    def broken_markdown(results):
+        raise ZeroDivisionError("a row with no figures")
+
+    monkeypatch.setattr(gpu_check, "run_step_process", fake_step)
+    monkeypatch.setattr(gpu_check, "markdown", broken_markdown)
+    assert gpu_check.run_all(str(tmp_path), True, ["environment", "correctness"], None) == 0
+    assert not any(name.endswith((".json", ".md")) for name in seen[0])
+    stem = next(n for n in seen[1] if n.endswith(".json"))[:-len(".json")]
+    assert {stem + ".json", stem + ".md"} <= set(seen[1])  # written after the first step
+    results = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert list(results["steps"]) == ["environment", "correctness"]
+    report = (tmp_path / f"{stem}.md").read_text()
+    assert "failed to render" in report and "ZeroDivisionError" in report
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [stem + ".json", stem + ".md", stem + ".log"])
