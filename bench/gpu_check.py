@@ -61,11 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", type=int, help=argparse.SUPPRESS)  # compile_cache's process
     args = parser.parse_args(argv)
     if args.probe:
         from bench.gpu_check_steps import probe
 
         probe()
+        return 0
+    if args.warm is not None:
+        from bench.gpu_check_steps import warm
+
+        warm(args.warm, args.dry_run)
         return 0
     if args.step:
         return _child(args)

@@ -41,9 +41,11 @@ GPU_CHECK_SHAPES = (dataclasses.replace(LLAMA, name="llama3-8b/256", tokens=256)
 DRY_SHAPES = (BenchShape("dry", 32, 48, 4, 2, 4, 2, 3, 8, torch.bfloat16),
               BenchShape("dry-odd", 36, 50, 4, 2, 4, 2, 3, 7, torch.bfloat16))
 DRY_BENCH = dataclasses.replace(DRY_SHAPES[0], name="dry-bench")
-# Seconds the benchmarks' switch timings need on a GPU, estimated: ~40 compiles for the
-# deterministic and dropout variants (the correctness step compiled one config of each), tuning.
+# Seconds the benchmarks' switch timings need on a GPU, estimated: tuning ~40 kernels of the
+# deterministic, recompute and dropout variants, and compiling what the compile_cache check left.
 SWITCHES_S = 60
+# At most this long (and 40 % of what the benchmarks step has left) for its compile_cache check.
+WARM_S = 60
 # (dtype, recompute_intermediates, lora_dropout) per shape: both dtypes, recompute both ways,
 # dropout both ways for each dtype.
 CASES = ((torch.bfloat16, True, 0.0), (torch.bfloat16, False, 0.05),
@@ -54,8 +56,8 @@ CASES = ((torch.bfloat16, True, 0.0), (torch.bfloat16, False, 0.05),
 FACTOR = {"y": 2.0, "probs": 2.0, "grad": {torch.bfloat16: 5.0, torch.float16: 2.0}}
 ABS_CAP = 0.05  # and never above this, whatever the reference's error
 MIN_AGREE = 0.5  # share of tokens routed alike by every backend and the truth, at least
-# Tests: "step:raise", "step:hang" or "step.check:..." (a check run in its own process),
-# comma-separated.
+# Tests: "step:raise", "step:hang", "step.check:..." (a check run in its own process) or
+# "warm.<index>:..." (a process of the compile_cache check), comma-separated.
 INJECT_ENV = "GRAPHMOE_GPU_CHECK_INJECT"
 
 
@@ -526,20 +528,27 @@ def layer_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]
     return result
 
 
-def switch_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
-    """triton fwd+bwd with each switch a user flips, interleaved with the default on the same
-    weights: what deterministic gradients (two-pass reductions instead of fp32 atomics),
-    recomputing the base products and LoRA dropout 0.05 (the paper's training setting) cost."""
+def switch_layers(ctx: BenchContext) -> dict[str, tuple[BenchContext, torch.nn.Module]]:
+    """The default triton layer and one with each switch a user flips, on the same weights."""
     switches = {"default": (ctx, {}), "deterministic": (ctx, {"deterministic": True}),
                 "recompute_intermediates": (
                     dataclasses.replace(ctx, recompute_intermediates=True), {}),
                 "lora_dropout=0.05": (dataclasses.replace(ctx, dropout=0.05), {})}
-    x, grad = harness.layer_input(ctx, requires_grad=True)
-    steps = {}
+    layers = {}
     for name, (c, changes) in switches.items():
         layer = harness.build_layer(c, "triton")
         layer.config = dataclasses.replace(layer.config, **changes)
-        steps[name] = harness.module_step(c, layer, x, grad, "fwd_bwd")
+        layers[name] = (c, layer)
+    return layers
+
+
+def switch_timings(ctx: BenchContext, rounds: int, warmup: int) -> dict[str, Any]:
+    """triton fwd+bwd with each switch a user flips, interleaved with the default on the same
+    weights: what deterministic gradients (two-pass reductions instead of fp32 atomics),
+    recomputing the base products and LoRA dropout 0.05 (the paper's training setting) cost."""
+    x, grad = harness.layer_input(ctx, requires_grad=True)
+    steps = {name: harness.module_step(c, layer, x, grad, "fwd_bwd")
+             for name, (c, layer) in switch_layers(ctx).items()}
     times = interleaved(steps, rounds, warmup)
     del steps
     _free(ctx)
@@ -783,6 +792,8 @@ def step_benchmarks(sc: StepContext) -> None:
     sc.rec.check("config", lambda: {"shape": shape.as_info(), "timed_rounds": rounds,
                                     "warmup_calls": warmup, "device": str(sc.device),
                                     "timing": "interleaved, synchronize + perf_counter"})
+    left = sc.rec.deadline - sc.rec.margin - time.time()
+    sc.rec.check("compile_cache", lambda: warm_compile_cache(sc, min(WARM_S, 0.4 * left)))
     sc.rec.check("layer", lambda: layer_timings(ctx, rounds, warmup))
     sc.rec.check("floors", lambda: floors(ctx))
     sc.rec.check("kernels", lambda: kernel_timings(ctx, rounds, warmup))
@@ -803,6 +814,63 @@ def step_benchmarks(sc: StepContext) -> None:
     sc.rec.check("autotune", lambda: {"tunings": tunings})
 
 
+def warm(index: int, dry_run: bool) -> None:
+    """One process of the benchmarks step's ``compile_cache`` check: the triton launches the
+    step times (fwd+bwd and inference forward, then fwd+bwd with each switch), every kernel run
+    with only the ``index``-th of its autotune configs, so that it lands in Triton's disk cache."""
+    inject(f"warm.{index}")
+    rotate_configs(autotuners(), index)
+    ctx = bench_context(DRY_BENCH if dry_run else LLAMA, device_for(dry_run))
+    if dry_run:  # the interpreter's seconds: T = 1, as the dry run's switch timings
+        ctx = dataclasses.replace(ctx, shape=dataclasses.replace(ctx.shape, num_rounds=1))
+    for name, (c, layer) in switch_layers(ctx).items():
+        for mode in ("fwd_bwd", "fwd") if name == "default" else ("fwd_bwd",):
+            x, grad = harness.layer_input(c, requires_grad=mode == "fwd_bwd")
+            harness.module_step(c, layer, x, grad, mode).run()
+        print(f"warm {index}: {name} compiled", flush=True)
+
+
+def warm_compile_cache(sc: StepContext, seconds: float) -> dict[str, Any]:
+    """Compiles the benchmarks' kernels in parallel before they are timed.
+
+    Tuning compiles every autotune config of every kernel a launch reaches, one after another in
+    the process that launches: about 90 for a training step and as many again for the switches,
+    at a second or more each on a GPU machine, most of the step's time box. Here one process per
+    config index (as many as the longest config list) runs the step's launches with that config
+    of each kernel, all at once, for at most ``seconds``; the step's own tuning then loads them
+    from the disk cache. Their autotune results (one config each) are not cached. A process cut
+    at the limit leaves what it compiled; the tuning compiles the rest."""
+    from bench.gpu_check import last_traceback
+
+    count = max((len(t.configs) for t in autotuners().values()), default=1)
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = os.path.dirname(sc.rec.path)
+    start, procs = time.time(), []
+    for i in range(count):
+        log = os.path.join(work, f"warm-{i}.log")
+        with open(log, "w", encoding="utf-8") as f:
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "bench.gpu_check", "--warm", str(i)]
+                + (["--dry-run"] if sc.dry_run else []),
+                cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    cut, failures = [], {}
+    for i, (proc, log) in enumerate(procs):
+        try:
+            proc.wait(max(0.1, start + seconds - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            cut.append(i)
+            continue
+        if proc.returncode != 0:
+            failures[str(i)] = last_traceback(log, 0) or f"exit status {proc.returncode}"
+    return {"status": "FAIL" if failures else "PASS", "processes": count,
+            "limit_s": round(seconds, 1), "wall_s": round(time.time() - start, 1),
+            "cut_at_limit": cut, "failures": list(failures.values()),
+            "failed_indices": list(failures)}
+
+
 # --------------------------------------------------------------------------- 4. compile, tools
 
 
@@ -810,7 +878,10 @@ PROBE_SHAPE = BenchShape("probe", 512, 1408, 8, 2, 16, 2, 51, 256, torch.bfloat1
 
 
 def probe() -> None:
-    """One small triton fwd+bwd (two rounds): what compute-sanitizer and ncu run."""
+    """One small triton fwd+bwd (two rounds): what compute-sanitizer and ncu run. Each kernel
+    runs its first autotune config only: a tool sees the round, no tuning, and the probe compiles
+    a fifth of what tuning would."""
+    rotate_configs(autotuners(), 0)
     ctx = bench_context(PROBE_SHAPE, device_for(False))
     layer = harness.build_layer(ctx, "triton")
     x, grad = harness.layer_input(ctx, requires_grad=True)
@@ -877,8 +948,8 @@ def step_compile(sc: StepContext) -> None:
         return run
 
     sc.rec.check("compile_report", report)
-    # The probe alone first: it tunes the kernels (results cached on disk, TRITON_CACHE_
-    # AUTOTUNING), so the tools below see one round and no autotuning benchmark.
+    # The probe alone first: it compiles its kernels into the disk cache, so the tools below
+    # see the round and no compilation.
     sc.rec.check("probe", tool([], 0.3))
     sc.rec.check("compute_sanitizer", tool(
         ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,25 @@ def test_a_failing_or_hanging_check_process_is_recorded_and_the_others_run(tmp_p
     assert "inject" in hung["traceback"]  # its stack, dumped on SIGTERM
     first = next(iter(checks))
     assert first.startswith("dry/") and checks[first]["status"] == "PASS"
+
+
+def test_a_compile_cache_process_that_fails_or_outlasts_its_limit_is_recorded(tmp_path,
+                                                                              monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench import gpu_check_steps as steps
+
+    # Two config indices, so two processes: the first raises, the second hangs past the limit.
+    monkeypatch.setattr(steps, "autotuners", lambda: {"k": SimpleNamespace(configs=["a", "b"])})
+    monkeypatch.setenv(steps.INJECT_ENV, "warm.0:raise,warm.1:hang")
+    rec = steps.Recorder(str(tmp_path / "benchmarks.json"), time.time() + 60, margin=0.0)
+    result = steps.warm_compile_cache(steps.StepContext(True, torch.device("cpu"), rec), 15.0)
+    assert result["status"] == "FAIL" and result["processes"] == 2
+    assert result["failed_indices"] == ["0"]
+    assert "failure injected into step 'warm.0'" in result["failures"][0]
+    assert result["cut_at_limit"] == [1] and 15.0 <= result["wall_s"] < 30.0
 
 
 def test_results_are_on_disk_after_each_step_even_when_the_report_fails(tmp_path, monkeypatch):
