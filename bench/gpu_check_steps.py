@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -889,16 +890,29 @@ def probe() -> None:
     print("probe done", flush=True)
 
 
-def _tool(cmd: list[str], timeout: float) -> dict[str, Any]:
+# What ncu and compute-sanitizer print where the machine will not let them run (no access to
+# the performance counters, a device or driver they do not support): a reason to skip, not a
+# failure of the kernels.
+TOOL_CANNOT_RUN = re.compile(r"ERR_NVGPUCTRPERM|does not have permission|not supported on this "
+                             r"(device|platform)|Device not supported|unsupported (GPU|driver)",
+                             re.IGNORECASE)
+
+
+def _tool(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     if shutil.which(cmd[0]) is None:
         raise Skip(f"{cmd[0]} is not on PATH")
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                              env=None if env is None else {**os.environ, **env})
     except subprocess.TimeoutExpired as err:
         tail = err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or ""
         return {"status": "FAIL", "reason": f"timed out after {timeout:.0f} s",
                 "output_tail": tail[-3000:]}
     tail = (done.stdout + done.stderr)[-4000:]
+    cannot = TOOL_CANNOT_RUN.search(tail) if done.returncode != 0 else None
+    if cannot:
+        line = next(ln for ln in tail.splitlines() if cannot.group(0) in ln)
+        raise Skip(f"{cmd[0]} cannot run here: {line.strip()[:300]}")
     return {"status": "PASS" if done.returncode == 0 else "FAIL", "returncode": done.returncode,
             "command": " ".join(cmd), "output_tail": tail}
 
@@ -938,12 +952,13 @@ def step_compile(sc: StepContext) -> None:
 
     probe_cmd = [sys.executable, "-m", "bench.gpu_check", "--probe"]
 
-    def tool(cmd: list[str], share: float) -> Callable[[], dict[str, Any]]:
+    def tool(cmd: list[str], share: float, env: dict[str, str] | None = None
+             ) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
             if sc.device.type != "cuda":
                 raise Skip("no CUDA device (dry run on CPU)")
             left = sc.rec.deadline - time.time() - 3
-            return _tool(cmd + probe_cmd, timeout=max(5.0, share * left))
+            return _tool(cmd + probe_cmd, timeout=max(5.0, share * left), env=env)
 
         return run
 
@@ -951,9 +966,11 @@ def step_compile(sc: StepContext) -> None:
     # The probe alone first: it compiles its kernels into the disk cache, so the tools below
     # see the round and no compilation.
     sc.rec.check("probe", tool([], 0.3))
+    # Without torch's caching allocator every tensor is its own cudaMalloc: a write past a
+    # tensor's end inside a pooled block would go unseen by memcheck.
     sc.rec.check("compute_sanitizer", tool(
         ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
-         "--print-limit", "20"], 0.5))
+         "--print-limit", "20"], 0.5, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}))
     sc.rec.check("ncu", tool(
         ["ncu", "--clock-control", "none", "--section", "SpeedOfLight", "--kernel-name",
          "regex:expert", "--launch-count", "4"], 1.0))

@@ -179,6 +179,30 @@ def test_a_compile_cache_process_that_fails_or_outlasts_its_limit_is_recorded(tm
     assert result["cut_at_limit"] == [1] and 15.0 <= result["wall_s"] < 30.0
 
 
+def test_a_tool_the_machine_will_not_run_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    from bench import gpu_check_steps as steps
+
+    tool = tmp_path / "fake-ncu"
+    tool.write_text('#!/bin/sh\necho "caching off: $PYTORCH_NO_CUDA_MEMORY_CACHING"\n'
+                    'echo "$FAKE_OUT"\nexit "$FAKE_RC"\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+    def run(output: str, code: int) -> dict:
+        monkeypatch.setenv("FAKE_OUT", output)
+        monkeypatch.setenv("FAKE_RC", str(code))
+        return steps._tool(["fake-ncu"], 10, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+
+    with pytest.raises(steps.Skip, match="fake-ncu cannot run here: ==ERROR== ERR_NVGPUCTRPERM"):
+        run("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission", 1)
+    failed = run("========= Invalid __global__ write of size 4 bytes", 1)
+    assert failed["status"] == "FAIL" and "Invalid __global__ write" in failed["output_tail"]
+    passed = run("==PROF== Disconnected", 0)
+    assert passed["status"] == "PASS" and "caching off: 1" in passed["output_tail"]
+    with pytest.raises(steps.Skip, match="not on PATH"):
+        steps._tool(["no-such-tool-on-this-machine"], 1)
+
+
 def test_results_are_on_disk_after_each_step_even_when_the_report_fails(tmp_path, monkeypatch):
     from bench import gpu_check
 
