@@ -765,6 +765,7 @@ def rotate_configs(tuners: dict[str, Any], index: int, count: int = 1
                    ) -> dict[str, list[str]]:
     """Makes each autotuner time only ``count`` configs, from the ``index``-th on (cyclically)
     of those it would time for the launch, instead of all; returns which it kept, per autotuner.
+    With one config kept nothing is timed (triton 3.6 would benchmark it alone).
 
     The correctness checks run with different indices, so between them they check most configs'
     results on the GPU (autotuning checks only the winner's) and compile a fraction of what
@@ -781,7 +782,15 @@ def rotate_configs(tuners: dict[str, Any], index: int, count: int = 1
             return kept
 
         tuner.prune_configs = prune
+        if count == 1:  # nothing to time it against; triton < 3.9 would time it anyway
+            tuner._bench = _untimed
     return ran
+
+
+def _untimed(*args: Any, config: Any, **kwargs: Any) -> list[float]:
+    """An autotuner's ``_bench`` that launches nothing: the one config left is chosen untimed
+    and compiled at its launch."""
+    return [0.0, 0.0, 0.0]
 
 
 def step_benchmarks(sc: StepContext) -> None:

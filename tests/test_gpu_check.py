@@ -117,11 +117,13 @@ def test_rotate_configs_runs_the_index_th_of_the_configs_left_after_pruning():
     assert tuner.prune_configs({"keep": 2}) == ["a"]  # 4 mod 2
     assert tuner.prune_configs({"keep": 3}) == ["b"]
     assert ran == {"k": ["b", "a"]}
+    assert tuner._bench(1, 2, config="b") == [0.0, 0.0, 0.0]  # one config: nothing timed
     tuner = SimpleNamespace(prune_configs=lambda kwargs: ["a", "b", "c"][:kwargs["keep"]])
     ran = rotate_configs({"k": tuner}, index=2, count=2)
     assert tuner.prune_configs({"keep": 3}) == ["c", "a"]
     assert tuner.prune_configs({"keep": 1}) == ["a"]
     assert ran == {"k": ["c", "a"]}
+    assert not hasattr(tuner, "_bench")  # two: timed against each other, as users' tuning
 
 
 def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
