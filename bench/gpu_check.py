@@ -11,15 +11,17 @@ hanging step (or a CUDA error that poisons its process) does not eat the others:
    reference in fp32, recompute both ways, dropout on and off, outputs poisoned with NaN;
    determinism; a tiny HF model's training step on the triton backend; each check in its own
    process, several at once (their Triton compiles spread over the cores);
-3. ``benchmarks``: ``llama3-8b``, bf16, T = 3, 8192 tokens: dense, reference, MixLoRA-style,
-   torch, triton, interleaved; each round kernel; every kernel of a profiled training step
-   against its roofline floor; T = 1..5; GRU share; memory;
+3. ``benchmarks``: ``llama3-8b``, bf16, T = 3, 8192 tokens, its triton kernels first compiled
+   in parallel processes: dense, reference, MixLoRA-style, torch, triton, interleaved; each
+   round kernel; every kernel of a profiled training step against its roofline floor;
+   T = 1..5; GRU share; memory; the switches;
 4. ``compile``: the compile report for the device's architecture; compute-sanitizer and ncu on
    one small round where they are on PATH.
 
 Writes ``<date>-<gpu>.json`` (every figure), ``<date>-<gpu>.md`` (the report) and
 ``<date>-<gpu>.log`` to ``--out``: three files. ``--dry-run`` runs the same steps on the CPU at
-tiny shapes, the kernels under ``TRITON_INTERPRET=1`` (under a minute; tests/test_gpu_check.py).
+tiny shapes, the kernels under ``TRITON_INTERPRET=1`` (about a minute on two cores;
+tests/test_gpu_check.py).
 Exit status 0 when no step failed.
 """
 

@@ -162,23 +162,30 @@ def test_a_failing_or_hanging_check_process_is_recorded_and_the_others_run(tmp_p
     assert first.startswith("dry/") and checks[first]["status"] == "PASS"
 
 
-def test_a_compile_cache_process_that_fails_or_outlasts_its_limit_is_recorded(tmp_path,
-                                                                              monkeypatch):
+def test_compile_cache_processes_run_the_benchmark_launches_and_failures_are_recorded(
+        tmp_path, monkeypatch):
+    # The dry run skips this check (the interpreter compiles nothing), so it runs here. Three
+    # config indices, three processes: the first raises, the second hangs past the limit, the
+    # third runs every launch of the benchmarks (the interpreter's one config per kernel).
     from types import SimpleNamespace
 
     import torch
 
     from bench import gpu_check_steps as steps
 
-    # Two config indices, so two processes: the first raises, the second hangs past the limit.
-    monkeypatch.setattr(steps, "autotuners", lambda: {"k": SimpleNamespace(configs=["a", "b"])})
+    monkeypatch.setattr(steps, "autotuners",
+                        lambda: {"k": SimpleNamespace(configs=["a", "b", "c"])})
     monkeypatch.setenv(steps.INJECT_ENV, "warm.0:raise,warm.1:hang")
     rec = steps.Recorder(str(tmp_path / "benchmarks.json"), time.time() + 60, margin=0.0)
-    result = steps.warm_compile_cache(steps.StepContext(True, torch.device("cpu"), rec), 15.0)
-    assert result["status"] == "FAIL" and result["processes"] == 2
+    result = steps.warm_compile_cache(steps.StepContext(True, torch.device("cpu"), rec), 20.0)
+    assert result["status"] == "FAIL" and result["processes"] == 3
     assert result["failed_indices"] == ["0"]
     assert "failure injected into step 'warm.0'" in result["failures"][0]
-    assert result["cut_at_limit"] == [1] and 15.0 <= result["wall_s"] < 30.0
+    assert result["cut_at_limit"] == [1] and 20.0 <= result["wall_s"] < 35.0
+    ran = (tmp_path / "warm-2.log").read_text()
+    assert [line for line in ran.splitlines() if line.startswith("warm 2:")] == [
+        f"warm 2: {name} compiled" for name in
+        ("default", "deterministic", "recompute_intermediates", "lora_dropout=0.05")]
 
 
 def test_a_tool_the_machine_will_not_run_is_skipped_with_its_reason(tmp_path, monkeypatch):
