@@ -126,6 +126,28 @@ def test_rotate_configs_runs_the_index_th_of_the_configs_left_after_pruning():
     assert not hasattr(tuner, "_bench")  # two: timed against each other, as users' tuning
 
 
+def test_rotate_configs_runs_a_real_autotuner_on_one_config_untimed():
+    # A triton autotuner under the interpreter: timing a config there would fail (no CUDA
+    # events), so running at all shows nothing was timed, whichever triton release is installed.
+    import torch
+    import triton
+    import triton.language as tl
+
+    from bench.gpu_check_steps import rotate_configs
+
+    @triton.autotune(configs=[triton.Config({"B": b}) for b in (2, 4, 8)], key=["n"])
+    @triton.jit
+    def write_block(out_ptr, n, B: tl.constexpr):
+        offsets = tl.arange(0, B)
+        tl.store(out_ptr + offsets, tl.full((B,), B, tl.int32), mask=offsets < n)
+
+    ran = rotate_configs({"write_block": write_block}, index=1)
+    out = torch.zeros(8, dtype=torch.int32)
+    write_block[(1,)](out, 8)
+    assert out.tolist() == [4] * 4 + [0] * 4
+    assert [c.split(",")[0] for c in ran["write_block"]] == ["B: 4"]
+
+
 def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     # --only keeps the order given: the step after the raising and the hanging ones still runs.
     done, results, report = run_check(
