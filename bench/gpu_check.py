@@ -123,14 +123,7 @@ def run_step_process(step: str, dry_run: bool, timeout: float, work: str, log: A
     try:
         code: int | None = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, 9)  # the step and anything it started (ncu, ptxas workers)
-        except ProcessLookupError:  # it exited as its box ended
-            pass
-        try:  # a process stuck in the GPU driver may outlive SIGKILL for a while
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
+        kill(proc, group=True)  # the step and anything it started (ncu, ptxas workers)
         code = None
     entry: dict[str, Any] = {"checks": {}, **read_json(result)}
     entry["seconds"] = round(time.perf_counter() - start, 1)
@@ -145,6 +138,22 @@ def run_step_process(step: str, dry_run: bool, timeout: float, work: str, log: A
     else:
         entry["status"] = "FAIL" if "FAIL" in statuses else "PASS"
     return entry
+
+
+def kill(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGKILL ``proc`` (its whole process group with ``group``) and reap it, waiting at most
+    15 s: a process stuck in the GPU driver may outlive SIGKILL for a while."""
+    try:
+        if group:
+            os.killpg(proc.pid, 9)
+        else:
+            proc.kill()
+    except ProcessLookupError:  # it exited meanwhile
+        pass
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def read_text(path: str, offset: int = 0) -> str:

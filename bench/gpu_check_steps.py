@@ -422,7 +422,7 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
     other's load, so their autotune results stay off the disk cache; the compiled kernels are
     shared through it.
     """
-    from bench.gpu_check import last_traceback, read_json, read_text
+    from bench.gpu_check import kill, last_traceback, read_json, read_text
 
     # Stopping takes a few seconds: the stacks, the kill, this process's own exit.
     work, stop = os.path.dirname(sc.rec.path), sc.rec.deadline - sc.rec.margin - 5
@@ -455,8 +455,9 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
                 continue
             unfinished = proc.poll() is None
             if unfinished:
-                proc.kill()
-            proc.wait()
+                kill(proc)
+            else:
+                proc.wait()
             del running[name]
             seconds = round(time.perf_counter() - started, 2)
             print(f"{read_text(path + '.log')}\n[process] {name}: exit status "
@@ -856,7 +857,7 @@ def warm_compile_cache(sc: StepContext, seconds: float) -> dict[str, Any]:
     of each kernel, all at once, for at most ``seconds``; the step's own tuning then loads them
     from the disk cache. Their autotune results (one config each) are not cached. A process cut
     at the limit leaves what it compiled; the tuning compiles the rest."""
-    from bench.gpu_check import last_traceback
+    from bench.gpu_check import kill, last_traceback
 
     count = max((len(t.configs) for t in autotuners().values()), default=1)
     env = dict(os.environ, TRITON_CACHE_AUTOTUNING="0")
@@ -875,11 +876,7 @@ def warm_compile_cache(sc: StepContext, seconds: float) -> dict[str, Any]:
         try:
             proc.wait(max(0.1, start + seconds - time.time()))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            try:  # a process stuck in the GPU driver may outlive SIGKILL for a while
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
+            kill(proc)
             cut.append(i)
             continue
         if proc.returncode != 0:
