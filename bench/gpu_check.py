@@ -3,7 +3,8 @@
     python3 -m bench.gpu_check --out bench/results      # from the checkout's root, no install
 
 Four steps, in order, each in its own process with its own time box, so that one failing or
-hanging step (or a CUDA error that poisons its process) does not eat the others:
+hanging step does not eat the others; a check whose CUDA error poisons its process (an illegal
+address) costs only itself, the step's later checks running in a new process:
 
 1. ``environment``: GPU, capability, memory, clocks, driver, versions, git commit;
 2. ``correctness``: triton vs torch vs reference at ``llama3-8b`` (256 tokens) and at odd sizes
@@ -46,6 +47,9 @@ from typing import Any
 STEP_TIMEOUTS = {"environment": 40, "correctness": 160, "benchmarks": 160, "compile": 110}
 TOTAL_BUDGET = 470
 MIN_STEP = 20  # kept back for each later step when an earlier one runs long
+# A step process's exit status once a check has left its CUDA context unusable.
+CONTEXT_LOST = 75
+RESUME_MIN_S = 15  # a step's process after a lost CUDA context: imports, CUDA, a check or two
 DRY_TIMEOUT = 120
 
 
@@ -61,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", help=argparse.SUPPRESS)  # child: run one step
     parser.add_argument("--check", help=argparse.SUPPRESS)  # ... or only this check of it
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm", type=int, help=argparse.SUPPRESS)  # compile_cache's process
@@ -92,8 +97,13 @@ def _child(args: argparse.Namespace) -> int:
     from bench.gpu_check_steps import run_step
 
     budget = args.deadline - time.time()
-    return run_step(args.step, args.dry_run, args.result, args.deadline, margin=0.1 * budget,
-                    only=args.check)
+    code = run_step(args.step, args.dry_run, args.result, args.deadline, margin=0.1 * budget,
+                    only=args.check, resume=args.resume)
+    if code == CONTEXT_LOST:  # no CUDA teardown in a context that fails every call
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def child_env(step: str, dry_run: bool, cache: str) -> dict[str, str]:
@@ -111,32 +121,48 @@ def child_env(step: str, dry_run: bool, cache: str) -> dict[str, str]:
 
 def run_step_process(step: str, dry_run: bool, timeout: float, work: str, log: Any
                      ) -> dict[str, Any]:
-    """Runs one step in a child process; its checks, status and (on failure) traceback."""
+    """Runs one step in a child process; its checks, status and (on failure) traceback.
+
+    A check that loses the CUDA context (an illegal address: every later call in that process
+    fails) ends the process after recording itself; a new one then runs the step's remaining
+    checks within the same time box, keeping those recorded (``context_lost_at``)."""
     result = os.path.join(work, f"{step}.json")
+    deadline = time.time() + timeout
     cmd = [sys.executable, "-m", "bench.gpu_check", "--step", step, "--result", result,
-           "--deadline", str(time.time() + timeout)] + (["--dry-run"] if dry_run else [])
+           "--deadline", str(deadline)] + (["--dry-run"] if dry_run else [])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = child_env(step, dry_run, os.path.join(tempfile.gettempdir(),
+                                                 "graphmoe-gpu-check-triton-cache"))
     start, log_start = time.perf_counter(), log.tell()
-    proc = subprocess.Popen(cmd, cwd=root, env=child_env(step, dry_run, os.path.join(
-        tempfile.gettempdir(), "graphmoe-gpu-check-triton-cache")), stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        code: int | None = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        kill(proc, group=True)  # the step and anything it started (ncu, ptxas workers)
-        code = None
+    processes = 0
+    while True:
+        proc = subprocess.Popen(cmd + (["--resume"] if processes else []), cwd=root, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        processes += 1
+        try:
+            code: int | None = proc.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            kill(proc, group=True)  # the step and anything it started (ncu, ptxas workers)
+            code = None
+        if code != CONTEXT_LOST or deadline - time.time() < RESUME_MIN_S:
+            break
+        _say(log, f"== step {step}: a check lost the CUDA context; the rest in a new process")
     entry: dict[str, Any] = {"checks": {}, **read_json(result)}
     entry["seconds"] = round(time.perf_counter() - start, 1)
     entry["timeout_s"] = round(timeout)
+    lost = [name for name, c in entry["checks"].items() if c.get("context_lost")]
+    if lost:
+        entry["context_lost_at"] = lost
+        entry["processes"] = processes
     statuses = [c["status"] for c in entry["checks"].values()]
     if code is None:
         entry["status"] = "TIMEOUT"
         entry["traceback"] = read_text(result + ".stack") or f"killed after {timeout:.0f} s"
-    elif code != 0:
+    elif code not in (0, CONTEXT_LOST):
         entry["status"] = "FAIL"
         entry["traceback"] = last_traceback(log.name, log_start) or f"exit status {code}"
     else:
-        entry["status"] = "FAIL" if "FAIL" in statuses else "PASS"
+        entry["status"] = "FAIL" if "FAIL" in statuses or code else "PASS"
     return entry
 
 
@@ -355,6 +381,10 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"## {name}: {s['status']}", ""]
             if s.get("traceback"):
                 lines += ["```", s["traceback"][-3000:], "```", ""]
+            if s.get("context_lost_at"):
+                lines += [f"The CUDA context was lost at `{'`, `'.join(s['context_lost_at'])}`; "
+                          f"each time the checks after it ran in a new process "
+                          f"({s['processes']} processes).", ""]
             for c, v in problems:
                 detail = v.get("reason") or "; ".join(v.get("failures", [])) or v.get(
                     "traceback", "")[-2000:]

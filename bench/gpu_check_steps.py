@@ -28,6 +28,7 @@ import torch
 
 import graphmoe_fused as gm
 from bench import harness
+from bench.gpu_check import CONTEXT_LOST, read_json
 from bench.harness import BenchContext, Step
 from bench.shapes import SHAPES, BenchShape
 from graphmoe_fused.backends import GraphMoEParams, RoundOptions, get_backend
@@ -57,8 +58,10 @@ CASES = ((torch.bfloat16, True, 0.0), (torch.bfloat16, False, 0.05),
 FACTOR = {"y": 2.0, "probs": 2.0, "grad": {torch.bfloat16: 5.0, torch.float16: 2.0}}
 ABS_CAP = 0.05  # and never above this, whatever the reference's error
 MIN_AGREE = 0.5  # share of tokens routed alike by every backend and the truth, at least
-# Tests: "step:raise", "step:hang", "step.check:..." (a check run in its own process) or
-# "warm.<index>:..." (a process of the compile_cache check), comma-separated.
+# Tests: "step:raise", "step:hang", "step.check:..." (a check run in its own process),
+# "step.check:lose-context" (a check that fails as an illegal memory access would: the step goes
+# on in a new process) or "warm.<index>:..." (a process of the compile_cache check),
+# comma-separated.
 INJECT_ENV = "GRAPHMOE_GPU_CHECK_INJECT"
 
 
@@ -66,28 +69,67 @@ class Skip(Exception):
     """A check that cannot run here; the message is the reason."""
 
 
-class Recorder:
-    """Runs checks, records each result and rewrites the step's JSON after every one."""
+class ContextLost(Exception):
+    """A failed check left the process's CUDA context unusable; the message is its name."""
 
-    def __init__(self, path: str, deadline: float, margin: float) -> None:
+
+def context_lost(device: torch.device | None) -> bool:
+    """Whether every further CUDA call in this process will fail: a sticky error (an illegal
+    address, a device-side assert) is reported again by any later call, this one included. Not
+    so after an out-of-memory error, which leaves the context as it was."""
+    if device is None or device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).sum().item()
+    except Exception:  # noqa: BLE001 - whatever the error, nothing more runs here
+        return True
+    return False
+
+
+class Recorder:
+    """Runs checks, records each result and rewrites the step's JSON after every one.
+
+    ``done`` holds the checks an earlier process of the step recorded before its CUDA context
+    was lost: they are kept as they are, not run again. A check whose failure loses the
+    context is recorded (``context_lost``), then :class:`ContextLost` ends the process.
+    """
+
+    def __init__(self, path: str, deadline: float, margin: float, step: str = "",
+                 device: torch.device | None = None,
+                 done: dict[str, dict[str, Any]] | None = None) -> None:
         self.path, self.deadline, self.margin = path, deadline, margin
-        self.checks: dict[str, dict[str, Any]] = {}
+        self.step, self.device = step, device
+        self.checks: dict[str, dict[str, Any]] = dict(done or {})
 
     def check(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+        if name in self.checks:
+            print(f"[check] {name}: {self.checks[name]['status']}, kept from the step's "
+                  "process before", flush=True)
+            return self.checks[name]
         start = time.perf_counter()
         if time.time() > self.deadline - self.margin:
             entry: dict[str, Any] = {"status": "SKIP", "reason": "the step's time box is spent"}
         else:
             print(f"[check] {name} ...", flush=True)
+            lose = "lose-context" in injected(f"{self.step}.{name}")
             try:
+                if lose:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered "
+                                       f"(injected into {self.step}.{name} by ${INJECT_ENV})")
                 entry = dict(fn() or {})
                 entry.setdefault("status", "PASS")
             except Skip as skip:
                 entry = {"status": "SKIP", "reason": str(skip)}
             except Exception:  # noqa: BLE001 - recorded, the next check runs
                 entry = {"status": "FAIL", "traceback": traceback.format_exc()}
+                if lose or context_lost(self.device):
+                    entry["context_lost"] = True
         entry["seconds"] = round(time.perf_counter() - start, 2)
-        return self.record(name, entry)
+        self.record(name, entry)
+        if entry.get("context_lost"):
+            raise ContextLost(name)
+        return entry
 
     def record(self, name: str, entry: dict[str, Any]) -> dict[str, Any]:
         print(f"[check] {name}: {entry['status']} ({entry['seconds']} s)"
@@ -121,13 +163,18 @@ def device_for(dry_run: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def injected(target: str) -> list[str]:
+    """The failures a test asks of ``target`` through ``$GRAPHMOE_GPU_CHECK_INJECT``."""
+    items = (item.partition(":") for item in os.environ.get(INJECT_ENV, "").split(","))
+    return [action for name, _, action in items if name == target]
+
+
 def inject(step: str) -> None:
-    """The failure a test asks for through ``$GRAPHMOE_GPU_CHECK_INJECT``."""
-    for item in filter(None, os.environ.get(INJECT_ENV, "").split(",")):
-        name, _, action = item.partition(":")
-        if name == step and action == "raise":
+    """Raises or hangs where a test asks for it."""
+    for action in injected(step):
+        if action == "raise":
             raise RuntimeError(f"failure injected into step {step!r} by ${INJECT_ENV}")
-        if name == step and action == "hang":
+        if action == "hang":
             time.sleep(10**6)
 
 
@@ -422,7 +469,7 @@ def run_in_processes(sc: StepContext, step: str, names: list[str], workers: int)
     other's load, so their autotune results stay off the disk cache; the compiled kernels are
     shared through it.
     """
-    from bench.gpu_check import kill, last_traceback, read_json, read_text
+    from bench.gpu_check import kill, last_traceback, read_text
 
     # Stopping takes a few seconds: the stacks, the kill, this process's own exit.
     work, stop = os.path.dirname(sc.rec.path), sc.rec.deadline - sc.rec.margin - 5
@@ -1000,11 +1047,19 @@ STEPS: dict[str, Callable[[StepContext], None]] = {
 
 
 def run_step(name: str, dry_run: bool, result_path: str, deadline: float, margin: float,
-             only: str | None = None) -> int:
+             only: str | None = None, resume: bool = False) -> int:
     """The child's side: runs step ``name`` (or only its check ``only``), its checks recorded
-    in ``result_path``."""
-    rec = Recorder(result_path, deadline, margin)
+    in ``result_path``; with ``resume``, after the checks an earlier process recorded there.
+    Returns 0, or :data:`CONTEXT_LOST` when a check left the CUDA context unusable."""
+    device = device_for(dry_run)
+    done = read_json(result_path).get("checks", {}) if resume else {}
+    rec = Recorder(result_path, deadline, margin, step=name, device=device, done=done)
     rec.flush()
     inject(name if only is None else f"{name}.{only}")
-    STEPS[name](StepContext(dry_run, device_for(dry_run), rec, only))
+    try:
+        STEPS[name](StepContext(dry_run, device, rec, only))
+    except ContextLost as lost:
+        print(f"[check] {lost}: the CUDA context is lost; nothing more runs in this process",
+              flush=True)
+        return CONTEXT_LOST
     return 0

@@ -164,6 +164,30 @@ def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     assert "## correctness: FAIL" in report and "## benchmarks: TIMEOUT" in report
 
 
+def test_a_check_that_loses_the_cuda_context_costs_only_itself(tmp_path):
+    # After an illegal address every CUDA call in that process fails: the step records the
+    # check, then a new process runs the checks after it, keeping (not rerunning) those before.
+    done, results, report = run_check(
+        tmp_path, "--only", "benchmarks",
+        env={"GRAPHMOE_GPU_CHECK_INJECT": "benchmarks.kernels:lose-context"})
+    assert done.returncode == 1
+    step = results["steps"]["benchmarks"]
+    assert step["status"] == "FAIL"
+    assert step["context_lost_at"] == ["kernels"] and step["processes"] == 2
+    checks = step["checks"]
+    assert list(checks) == ["config", "compile_cache", "layer", "floors", "kernels",
+                            "kernel_profile", "rounds_T1_to_T5", "memory", "switches", "autotune"]
+    assert "illegal memory access" in checks["kernels"]["traceback"]
+    assert checks["kernels"]["status"] == "FAIL" and checks["kernels"]["context_lost"]
+    assert all(checks[name]["status"] == "PASS" for name in (
+        "layer", "floors", "kernel_profile", "rounds_T1_to_T5", "memory", "switches"))
+    (log,) = tmp_path.glob("*.log")
+    ran = [line for line in log.read_text().splitlines()
+           if line.startswith("[check] ") and line.endswith(" ...")]
+    assert ran == [f"[check] {name} ..." for name in checks]  # each once
+    assert "The CUDA context was lost at `kernels`" in report
+
+
 def test_a_failing_or_hanging_check_process_is_recorded_and_the_others_run(tmp_path):
     # correctness runs each check in its own process: one raising and one hanging (stopped at
     # the time box, its stack recorded) cost only themselves.
