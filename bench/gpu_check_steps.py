@@ -270,8 +270,8 @@ def run_with_grads(backend: str, p: GraphMoEParams, x: torch.Tensor, opt: RoundO
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    b = b.double()
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def routing_agreement(*indices: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,33 @@ def test_rotate_configs_runs_a_real_autotuner_on_one_config_untimed():
     assert [c.split(",")[0] for c in ran["write_block"]] == ["B: 4"]
 
 
+def test_a_correctness_case_fails_a_backend_with_one_wrong_gradient(monkeypatch):
+    # What the GPU run's correctness checks are for: a gradient 30 % off, in one backend, fails
+    # its case by name (the dry run shows that right answers pass).
+    import torch
+
+    from bench import gpu_check_steps as steps
+
+    real = steps.get_backend
+
+    def get_backend(name):
+        backend = real(name)
+        if name != "torch":
+            return backend
+
+        def wrong(x, p, opt):
+            if p.lora_B_down.requires_grad:
+                p.lora_B_down.register_hook(lambda g: 1.3 * g)
+            return backend(x, p, opt)
+        return wrong
+
+    monkeypatch.setattr(steps, "get_backend", get_backend)
+    sc = steps.StepContext(True, torch.device("cpu"), rec=None)
+    result = steps.correctness_case(sc, steps.DRY_SHAPES[0], torch.bfloat16, False, 0.0)
+    assert result["status"] == "FAIL"
+    assert [f.split(":")[0] for f in result["failures"]] == ["torch grad_lora_B_down"]
+
+
 def test_a_failing_step_is_recorded_and_the_others_run(tmp_path):
     # --only keeps the order given: the step after the raising and the hanging ones still runs.
     done, results, report = run_check(

@@ -155,9 +155,18 @@ def test_only_probs_or_only_y_get_gradient(plan):
         layer.zero_grad(set_to_none=True)
         out = backend(xr, layer.params(), layer.round_options(), **kw)
         (out.router_probs ** 2).sum().backward()  # y unused: its gradient never arrives
-        grads.append((xr.grad, layer.router.weight.grad, layer.gru.weight_g.grad))
-    for a, b in zip(*grads, strict=True):
-        assert rel_err(a, b) < 2e-5
+        grads.append({"x": xr.grad, **{n: p.grad for n, p in layer.named_parameters()
+                                       if p.requires_grad}})
+    want, got = grads
+    # The probabilities reach the router directly and, through the later rounds' inputs, the
+    # GRU; the LoRA factors have no path from them.
+    assert want["gru.weight_z"].abs().max() > 0 and want["gru.weight_g"].abs().max() > 0
+    for name, w in want.items():
+        g = got[name]
+        if w is None or not w.any():
+            assert "lora" in name and (g is None or not g.any()), name
+            continue
+        assert rel_err(g, w) < 2e-5, name
 
 
 @pytest.mark.parametrize("plan", PLANS)

@@ -327,10 +327,13 @@ def test_backward_low_precision_within_reference_error(dtype):
         # inputs and outputs the kernels stored in the dtype, where the torch backend keeps the
         # state in fp32. Measured here (64 tokens): y and probabilities 0.7-0.9× the
         # reference's error; the gradients 0.7-1.1× in fp16 and 0.8-2.9× in bf16 (1.2-5.8 eps;
-        # W_z's the most, through the bf16 states). 2× (fp16) or 3.5× (bf16) plus a quarter
-        # ulp: a wrong term is O(1), and a gradient 5 % off in bf16 (6.4 eps) already fails.
+        # W_z's the most, through the bf16 states: 3 % smaller than the truth at this seed,
+        # 0.4 % for the reference). 2× (fp16) or 3.5× (bf16) plus a quarter ulp, and never
+        # above 6.4 eps (5 % in bf16), as the torch backend's test: a wrong term is O(1), and
+        # so is a missing one. bf16 cannot resolve a 1 % error here; the fp32 tests pin that.
         factor = 3.5 if dtype == torch.bfloat16 and name not in ("y", "probs") else 2
         assert err(got, truth) <= factor * err(ref_value, truth) + eps / 4, name
+        assert err(got, truth) < 6.4 * eps, name
 
 
 def test_only_router_probs_get_gradient():
