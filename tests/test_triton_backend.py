@@ -336,6 +336,38 @@ def test_backward_low_precision_within_reference_error(dtype):
         assert err(got, truth) < 6.4 * eps, name
 
 
+def test_autocast_runs_the_bf16_kernels_and_returns_fp32():
+    """Under bf16 autocast an fp32 layer runs the kernels of the layer cast to bf16 (weights
+    and input cast once per call, where autograd casts the gradients back): the same output
+    and gradients bit for bit, in fp32. The test above measures the bf16 ones against exact
+    arithmetic."""
+    tri, _ = layers(torch.float32, num_rounds=3, lora_dropout=0.1)
+    tri_bf16 = copy.deepcopy(tri).to(torch.bfloat16)
+    x = inputs((33,), seed=6)
+    opt = tri.round_options()
+    g = torch.Generator().manual_seed(2)
+    # bf16 upstream gradients: the same values reach both runs' bf16 backward.
+    gy = torch.randn(33, HIDDEN, generator=g).to(torch.bfloat16)
+    gp = torch.randn(3, 33, SMALL["num_experts"], generator=g)
+
+    def run(layer, x, autocast):
+        x = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = graphmoe_triton(x, layer.params(), opt)
+        torch.autograd.backward((out.y, out.router_probs), (gy.to(out.y.dtype), gp))
+        return out, {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()
+                                     if p.requires_grad}}
+
+    (auto, auto_grads), (pure, pure_grads) = run(tri, x, True), run(tri_bf16, x.bfloat16(), False)
+    assert auto.y.dtype == torch.float32 and torch.equal(auto.y, pure.y.float())
+    assert torch.equal(auto.router_probs, pure.router_probs)
+    assert torch.equal(auto.expert_index, pure.expert_index)
+    assert auto_grads.keys() == pure_grads.keys()
+    for name, grad in auto_grads.items():
+        assert grad.dtype == torch.float32, name
+        assert torch.equal(grad, pure_grads[name].float()), name
+
+
 def test_only_router_probs_get_gradient():
     """y unused: its gradient never arrives and the backward starts from ``∂L/∂probs``
     alone, which reaches the router directly and, through round 2's input, the GRU."""
