@@ -46,3 +46,9 @@ def test_module_entry_point_is_the_command():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("graphmoe-fused train: error:"), result.stderr
+
+
+def test_a_repeated_file_flag_adds_files_rather_than_replacing_them():
+    parser = app.build_parser()
+    assert parser.parse_args(["train", "--data", "a", "b", "--data", "c"]).data == ["a", "b", "c"]
+    assert parser.parse_args(["eval", "--data", "a", "--data", "c"]).data == ["a", "c"]

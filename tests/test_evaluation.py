@@ -124,6 +124,18 @@ def test_the_mode_comes_back_and_no_gradient_is_kept(graphmoe_model):
         model.eval()
 
 
+def test_a_model_with_nan_weights_is_refused_not_scored():
+    # argmax over NaN logits picks the first label everywhere: a plausible accuracy. A model
+    # whose adapter a diverged run filled with NaN must not get one.
+    model, tokenizer = _converted_builtin()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B_down" in name:
+                p.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"^t.jsonl:\d: the model's logits .* are not finite"):
+        multiple_choice_accuracy(model, tokenizer, _examples())
+
+
 def test_a_label_that_is_not_one_token_is_one_line(base):
     model, tokenizer = base
     prompt, _ = render_multiple_choice("Where does Ann live?", ["Paris", "Rome"])

@@ -4,12 +4,14 @@ statistics it writes, bit-exact resume, and every refusal made before anything i
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import modeling_utils
 
 from graphmoe_fused.cli import train_command
@@ -178,6 +180,22 @@ def test_unconvertible_model_is_refused(tmp_path):
     _refused(tmp_path, ValueError, "cannot convert", model=str(model_dir))
 
 
+def test_a_model_missing_weights_or_already_converted_is_refused(tmp_path):
+    # transformers would initialise missing weights at random and only log a table.
+    model_dir = save_builtin_model(tmp_path / "partial")
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if ".layers.1." not in k}, str(weights),
+              metadata={"format": "pt"})
+    _refused(tmp_path, ValueError, r"partial: the weights do not fit its config.json: \d+ "
+             r"missing \['model.layers.1.", model=str(model_dir))
+    converted_dir = save_builtin_model(tmp_path / "converted")
+    config = json.loads((converted_dir / "config.json").read_text())
+    (converted_dir / "config.json").write_text(json.dumps({**config, "graphmoe_config": {}}))
+    _refused(tmp_path, ValueError, "converted GraphMoE checkpoint .* pass it as --adapter",
+             model=str(converted_dir))
+
+
 def test_empty_and_malformed_data_are_refused(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -216,6 +234,33 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
     train(_config(out, max_steps=1), log=_quiet, progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(TrainConfig(output_dir=str(out), resume=True), log=_quiet, progress=False)
+
+
+def test_a_run_that_diverges_stops_before_writing_nan(tmp_path):
+    # A typo'd learning rate: the loss or gradient norm goes non-finite within a few steps.
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"training diverged at step \d+: .*learning_rate 20000"):
+        train(_config(out, learning_rate=2e4, max_steps=5), log=_quiet, progress=False)
+    assert not (out / "adapter").exists()
+    steps = [e for e in _events(out) if e["event"] == "step"]
+    assert steps and all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"])
+                         for e in steps)
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    out = tmp_path / "run"
+    train(_config(out, max_steps=2, save_every=1), log=_quiet, progress=False)
+    state = out / "checkpoints" / "step-2" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 2}))
+    with pytest.raises(ValueError, match=r"step-2/trainer_state.json lacks \['tokens'"):
+        train(TrainConfig(output_dir=str(out), resume=True, max_steps=3), log=_quiet,
+              progress=False)
+    shutil.rmtree(out / "checkpoints" / "step-2")
+    weights = out / "checkpoints" / "step-1" / "adapter" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ValueError, match=rf"{WEIGHTS}: not a readable .safetensors file"):
+        train(TrainConfig(output_dir=str(out), resume=True, max_steps=3), log=_quiet,
+              progress=False)
 
 
 def test_bad_settings_name_the_field():

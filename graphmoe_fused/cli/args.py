@@ -9,13 +9,15 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from safetensors import SafetensorError
+
 USAGE_ERROR = 2  # argparse's status for a bad command line
 RUN_ERROR = 1  # the library refused something during the run
 INTERRUPTED = 130
 # What the library raises for input it refuses (a bad file, a model it cannot convert, an output
-# directory that exists, CUDA out of memory): shown as one line. Anything else is a bug and keeps
-# its traceback.
-RUN_ERRORS = (ValueError, TypeError, RuntimeError, OSError)
+# directory that exists, a truncated .safetensors file, CUDA out of memory): shown as one line.
+# Anything else is a bug and keeps its traceback.
+RUN_ERRORS = (ValueError, TypeError, RuntimeError, OSError, SafetensorError)
 
 
 class FlagError(ValueError):

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
                    help="a GraphMoE adapter directory (save_adapter), a training output "
                    "directory (its adapter/), or a save_pretrained checkpoint of a converted "
                    "model; without it only the base is evaluated")
-    p.add_argument("--data", metavar="FILE", nargs="+", default=[],
+    p.add_argument("--data", metavar="FILE", action="extend", nargs="+", default=[],
                    help="multiple-choice JSONL files (default: the builtin task's eval split)")
     p.add_argument("--perplexity", metavar="FILE", default=None,
                    help="perplexity over a .txt (paragraphs) or .jsonl ({\"text\"} or "

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
             continue
         if typing.get_origin(kind) is list:
-            parser.add_argument(*names, nargs="+", metavar="FILE", **common)
+            parser.add_argument(*names, action="extend", nargs="+", metavar="FILE", **common)
             continue
         parse = {int: integer, float: finite_float, str: str}[kind]
         parser.add_argument(*names, type=_none_or(parse) if nullable else parse,

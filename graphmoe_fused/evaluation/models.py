@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..config import GraphMoEConfig
@@ -38,6 +37,7 @@ from ..hf.adapters import (
 )
 from ..hf.convert import CONFIG_ATTRIBUTE, apply_graphmoe, graphmoe_layers
 from ..hf.pretrained import PEFT_CONFIG_NAME, from_pretrained
+from ..hf.safetensors_file import open_safetensors
 
 TRAINING_ADAPTER_SUBDIR = "adapter"
 
@@ -105,7 +105,7 @@ def _check_shapes(skeleton: nn.Module, saved: GraphMoEConfig, directory: str | P
         raise ValueError(f"the adapter in {directory} cannot be applied to this model: "
                          f"{exc}") from None
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(skeleton).items()}
-    with safe_open(str(weights), framework="pt") as f:
+    with open_safetensors(str(weights)) as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:

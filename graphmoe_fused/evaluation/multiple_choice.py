@@ -112,6 +112,12 @@ def multiple_choice_accuracy(model: nn.Module, tokenizer, examples: Sequence,
             for row, i in enumerate(batch):
                 choices = examples[i].choices
                 restricted = logits[row, label_ids[choices]]
+                if not bool(torch.isfinite(restricted).all()):
+                    # argmax would pick the first label for every question, a plausible score
+                    raise ValueError(
+                        f"{examples[i].source or 'example'}: the model's logits for the labels "
+                        f"are not finite ({restricted.tolist()}); are its (adapter) weights "
+                        "NaN, e.g. from a training run that diverged?")
                 predictions[i] = choices[int(restricted.argmax())]
                 scores[i] = tuple(restricted.tolist())
     correct = sum(p == e.answer for p, e in zip(predictions, examples, strict=True))

@@ -25,7 +25,13 @@ from ..data.builtin import BUILTIN_MODEL
 from ..data.tokenizer import builtin_tokenizer
 from .adapters import peft_wrapper_names, unwrap_peft
 from .attention_lora import LoRALinear
-from .convert import _attention_projections, _check_mlp, find_decoder_layers, is_converted
+from .convert import (
+    CONFIG_ATTRIBUTE,
+    _attention_projections,
+    _check_mlp,
+    find_decoder_layers,
+    is_converted,
+)
 
 BUILTIN_NAME = "(builtin)"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -66,6 +72,10 @@ def _load_local(path: str, dtype: torch.dtype | None) -> tuple[nn.Module, PreTra
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot read config.json: {_first_line(e)}") from None
+    if hasattr(config, CONFIG_ATTRIBUTE):
+        raise ValueError(f"{path} is a converted GraphMoE checkpoint (its config holds "
+                         f"{CONFIG_ATTRIBUTE}): pass it as --adapter, with its base model as "
+                         "--model; loaded as a base its GraphMoE weights would be dropped")
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{path}: model type {config.model_type!r} is not a causal language "
                          "model (no AutoModelForCausalLM class for it)")
@@ -83,10 +93,19 @@ def _load_local(path: str, dtype: torch.dtype | None) -> tuple[nn.Module, PreTra
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         # a truncated or corrupt weights file: one line, not the loader's traceback
         raise ValueError(f"{path}: cannot load the weights: {_first_line(e)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = [key for key, *_ in info.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        # transformers would initialise them at random and only log a table
+        raise ValueError(
+            f"{path}: the weights do not fit its config.json: {len(missing)} missing "
+            f"{missing[:3]}, {len(mismatched)} of another shape {mismatched[:3]}; a partial "
+            "copy, or a config from another model?")
     return model, tokenizer
 
 

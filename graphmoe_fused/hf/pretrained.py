@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -52,6 +51,7 @@ from .adapters import (
     unwrap_peft,
 )
 from .convert import CONFIG_ATTRIBUTE, MLP_PROJECTIONS, graphmoe_layers, is_converted
+from .safetensors_file import open_safetensors
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -182,7 +182,7 @@ def _add_to_peft_weights(directory: Path, tensors: dict[str, torch.Tensor],
                          metadata: dict[str, str]) -> None:
     safetensors_file, bin_file = (directory / name for name in PEFT_WEIGHTS_NAMES)
     if safetensors_file.is_file():
-        with safe_open(str(safetensors_file), framework="pt") as f:
+        with open_safetensors(str(safetensors_file)) as f:
             existing = {k: f.get_tensor(k) for k in f.keys()}
             old_metadata = f.metadata() or {}
         save_file({**existing, **tensors}, str(safetensors_file),
@@ -248,7 +248,7 @@ def _read_tensors(files: list[str], wanted: set[str]) -> dict[str, torch.Tensor]
     found: dict[str, torch.Tensor] = {}
     for file in files:
         if file.endswith(".safetensors"):
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for key in f.keys():
                     name = key if key in wanted else aliases.get(key)
                     if name is not None and name not in found:
@@ -327,7 +327,7 @@ def _recorded_base(adapter_dir, kind: str) -> str:
         config = json.loads(Path(adapter_dir, PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
         name = config.get("base_model_name_or_path")
     else:
-        with safe_open(str(Path(adapter_dir, WEIGHTS_NAME)), framework="pt") as f:
+        with open_safetensors(str(Path(adapter_dir, WEIGHTS_NAME))) as f:
             name = (saved_base_model(f.metadata()) or {}).get("name_or_path")
     if not name:
         raise ValueError(
@@ -340,7 +340,7 @@ def _recorded_base(adapter_dir, kind: str) -> str:
 def _peft_weights(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     safetensors_file, bin_file = (Path(adapter_dir, name) for name in PEFT_WEIGHTS_NAMES)
     if safetensors_file.is_file():
-        with safe_open(str(safetensors_file), framework="pt") as f:
+        with open_safetensors(str(safetensors_file)) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     return torch.load(bin_file, map_location="cpu", weights_only=True), {}
 

@@ -24,6 +24,7 @@ from .outputs import ADAPTER_DIR, STATE_FILE, write_atomic
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+STATE_FIELDS = ("step", "tokens", "elapsed_s", "routing")  # what the trainer writes and reads
 
 
 def rng_states() -> dict[str, Any]:
@@ -61,7 +62,15 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
                     scheduler: Any) -> dict[str, Any]:
     """Restores what :func:`save_checkpoint` wrote into ``model`` (converted, unwrapped),
     ``optimizer``, ``scheduler`` and the RNGs; returns the trainer state."""
-    state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    missing = [k for k in STATE_FIELDS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a checkpoint this trainer wrote, or "
+                         "damaged; resume from another checkpoint")
     load_adapter(model, directory / ADAPTER_DIR)
     saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])

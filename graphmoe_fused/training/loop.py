@@ -268,6 +268,8 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
             grad_norm = accelerator.clip_grad_norm_(
                 trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             lr = scheduler.get_last_lr()[0]
+            _check_finite(float(totals[0]), float(grad_norm), step + 1, cfg,
+                          scaled=getattr(accelerator, "scaler", None) is not None)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -427,6 +429,21 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
                              f"step {total}: nothing is left to train (set --max-steps above "
                              f"{done})")
     return _Prepared(cfg, out, model, tokenizer, features, eval_sets, resume_from)
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, cfg: TrainConfig,
+                  scaled: bool) -> None:
+    """Stops a run whose loss (or, without fp16 loss scaling, whose gradient norm) is not
+    finite, before the step updates the weights: what it would write is NaN, and an eval of a
+    NaN model picks the first label everywhere, a plausible-looking score. (With fp16 loss
+    scaling an infinite gradient is expected now and then: that step is skipped.)"""
+    if math.isfinite(loss) and (scaled or math.isfinite(grad_norm)):
+        return
+    raise RuntimeError(
+        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the step "
+        f"was not applied and no adapter is written (checkpoints saved before it are kept). "
+        f"Lower the learning rate (learning_rate {cfg.learning_rate:g}) or clip the gradient "
+        f"norm (max_grad_norm {cfg.max_grad_norm:g})")
 
 
 def _total_steps(cfg: TrainConfig, num_examples: int) -> int:
