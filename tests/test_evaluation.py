@@ -386,6 +386,27 @@ def test_a_save_pretrained_checkpoint_gives_the_same_column(trained, tmp_path, c
     assert entry["predictions"]["graphmoe"] == list(want.predictions)
 
 
+def test_a_checkpoint_of_another_base_is_refused_before_the_base_column(trained, tmp_path,
+                                                                         capsys):
+    # The checkpoint's column runs its own base, the base column --model's (the builtin here).
+    _, first, _ = trained
+    model, _ = load_base_model(None, seed=7)
+    gm.apply_graphmoe(model, graphmoe_config(num_rounds=1))
+    model.save_pretrained(tmp_path / "ckpt")
+    argv = ["--adapter", str(tmp_path / "ckpt"), "--data", first]
+    status, stdout, err = _eval(argv, capsys)
+    assert status == 1 and stdout == "" and "base:" not in err  # nothing evaluated
+    assert "holds another base model than --model's" in _one_error(err)
+    for flag in ("--no-base", "--allow-other-base"):
+        status, _, err = _eval([*argv, flag], capsys)
+        assert status == 0, err
+    own, _ = load_base_model(None)  # the builtin, --model's default: its checkpoint fits
+    gm.apply_graphmoe(own, graphmoe_config(num_rounds=1))
+    own.save_pretrained(tmp_path / "own")
+    status, _, err = _eval(["--adapter", str(tmp_path / "own"), "--data", first], capsys)
+    assert status == 0, err
+
+
 def test_perplexity_and_prompt_without_data(tmp_path, capsys, trained):
     root, _, _ = trained
     doc = tmp_path / "d.txt"

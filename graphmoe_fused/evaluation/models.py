@@ -143,6 +143,27 @@ def check_adapter_fits(model: nn.Module, directory: str | Path,
     return saved
 
 
+def check_checkpoint_base(model: nn.Module, directory: str | Path) -> None:
+    """Raises ``ValueError`` (one line) unless the converted checkpoint in ``directory`` holds
+    ``model``'s base. Its column runs the checkpoint's own base weights and the base column
+    ``model``'s: two bases would set two different models side by side. The input embeddings
+    decide (one tensor read), equal to the coarser dtype's rounding."""
+    from ..hf.pretrained import _checkpoint_files, _read_tensors
+
+    mine = model.get_input_embeddings().weight.detach()
+    name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+    saved = _read_tensors(_checkpoint_files(str(directory), {}), {name}).get(name)
+    if saved is not None and saved.shape == mine.shape:
+        eps = max(torch.finfo(saved.dtype).eps, torch.finfo(mine.dtype).eps)
+        if torch.allclose(mine.float().cpu(), saved.float(), rtol=eps, atol=0.0):
+            return
+    raise ValueError(
+        f"the checkpoint {directory} holds another base model than --model's (their input "
+        f"embeddings {name} differ): its column would run its own base, the base column this "
+        "one; pass the base it was converted from as --model, --no-base, or "
+        "--allow-other-base to compare them anyway")
+
+
 def _configs(model: nn.Module) -> list[GraphMoEConfig]:
     found = [getattr(model, CONFIG_ATTRIBUTE, None)]
     found += [layer.config for layer in graphmoe_layers(model).values()]

@@ -27,7 +27,13 @@ from torch import nn
 from ..hf.convert import CONFIG_ATTRIBUTE
 from ..hf.stats import reset_routing_statistics, routing_document, routing_statistics
 from .generation import generate
-from .models import AdapterSource, check_adapter_fits, convert_with_adapter, resolve_adapter
+from .models import (
+    AdapterSource,
+    check_adapter_fits,
+    check_checkpoint_base,
+    convert_with_adapter,
+    resolve_adapter,
+)
 from .multiple_choice import MCResult, check_example, multiple_choice_accuracy, overall
 from .perplexity import PerplexityResult, perplexity_stats, read_documents
 
@@ -257,6 +263,9 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] = print,
     _label_check(tokenizer, files)
     if source is not None and source.kind == "adapter":
         check_adapter_fits(model, source.path, opts.allow_other_base)
+    if source is not None and source.kind == "checkpoint" and opts.base and \
+            not opts.allow_other_base:
+        check_checkpoint_base(model, source.path)
 
     report = EvalReport(opts)
     if opts.base:
