@@ -407,6 +407,32 @@ def test_a_checkpoint_of_another_base_is_refused_before_the_base_column(trained,
     assert status == 0, err
 
 
+def test_an_out_folder_that_cannot_hold_the_results_is_refused_before_anything_runs(
+        trained, tmp_path, capsys):
+    root, first, _ = trained
+    (tmp_path / "a-file").write_text("mine")
+    status, _, err = _eval(["--data", first, "--out", str(tmp_path / "a-file" / "eval")], capsys)
+    assert status == 1 and "base:" not in err
+    assert "a-file is not a directory" in _one_error(err)
+    # A training run's folder: its routing_statistics.json is the run's, --overwrite or not.
+    (root / "run" / "train_config.json").write_text("{}")
+    try:
+        status, _, err = _eval(["--adapter", str(root / "run"), "--data", first, "--out",
+                                str(root / "run"), "--overwrite"], capsys)
+    finally:
+        (root / "run" / "train_config.json").unlink()
+    assert status == 1 and "base:" not in err
+    assert "is a training run's: write the evaluation into a folder of its own" in \
+        _one_error(err)
+
+
+def test_an_empty_path_is_a_bad_flag_not_none_given(capsys):
+    with pytest.raises(SystemExit) as info:
+        _eval(["--adapter", ""], capsys)
+    assert info.value.code == 2
+    assert "argument --adapter: an empty path" in _one_error(capsys.readouterr().err)
+
+
 def test_perplexity_and_prompt_without_data(tmp_path, capsys, trained):
     root, _, _ = trained
     doc = tmp_path / "d.txt"

@@ -18,6 +18,7 @@ from graphmoe_fused.cli import train_command
 from graphmoe_fused.data import BUILTIN_PRESET, DataError
 from graphmoe_fused.hf.local_model import save_builtin_model
 from graphmoe_fused.training import TrainConfig, train
+from graphmoe_fused.training.outputs import read_events
 from graphmoe_fused.training.recipe import read_config_file
 
 from .single_thread import one_cpu_thread  # noqa: F401 (autouse fixture)
@@ -261,6 +262,27 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"{WEIGHTS}: not a readable .safetensors file"):
         train(TrainConfig(output_dir=str(out), resume=True, max_steps=3), log=_quiet,
               progress=False)
+
+
+def test_a_log_cut_short_by_a_kill_still_resumes(tmp_path):
+    out = tmp_path / "run"
+    train(_config(out, max_steps=2, save_every=1), log=_quiet, progress=False)
+    log = out / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"event": "step", "st')  # killed mid-line
+    resumed = train(TrainConfig(output_dir=str(out), resume=True, max_steps=3), log=_quiet,
+                    progress=False)
+    assert resumed.steps == 3 and [e["step"] for e in _events(out) if e["event"] == "step"] \
+        == [1, 2, 3]
+    log.write_text('{"event": "start"}\nnot json\n{"event": "end"}\n')
+    with pytest.raises(ValueError, match=r"train_log.jsonl:2: not a JSON event"):
+        list(read_events(log))
+
+
+def test_an_output_dir_inside_a_file_is_refused(tmp_path):
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes/run: .*notes is not a directory"):
+        train(_config(tmp_path / "notes" / "run"), log=_quiet, progress=False)
+    assert (tmp_path / "notes").read_text() == "mine"
 
 
 def test_bad_settings_name_the_field():

@@ -45,6 +45,14 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+def non_empty_path(text: str) -> str:
+    """A file or folder name; an empty one (an unset shell variable) is refused, not taken as
+    "none given" or the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     value = integer(text)
     if value < minimum:

@@ -11,6 +11,7 @@ from .args import (
     FlagError,
     finite_float,
     int_at_least_two,
+    non_empty_path,
     non_negative_int,
     positive_float,
     positive_int,
@@ -40,16 +41,17 @@ def add_parser(subparsers) -> None:
     """Adds the ``eval`` subcommand to ``subparsers``."""
     p = subparsers.add_parser("eval", help="evaluate a base model and its GraphMoE adapter",
                               description=DESCRIPTION)
-    p.add_argument("--model", metavar="PATH", default=None,
+    p.add_argument("--model", metavar="PATH", type=non_empty_path, default=None,
                    help="local Hugging Face checkpoint of the base model (default: the builtin "
                    "tiny model and tokenizer)")
-    p.add_argument("--adapter", metavar="DIR", default=None,
+    p.add_argument("--adapter", metavar="DIR", type=non_empty_path, default=None,
                    help="a GraphMoE adapter directory (save_adapter), a training output "
                    "directory (its adapter/), or a save_pretrained checkpoint of a converted "
                    "model; without it only the base is evaluated")
-    p.add_argument("--data", metavar="FILE", action="extend", nargs="+", default=[],
+    p.add_argument("--data", metavar="FILE", type=non_empty_path, action="extend", nargs="+",
+                   default=[],
                    help="multiple-choice JSONL files (default: the builtin task's eval split)")
-    p.add_argument("--perplexity", metavar="FILE", default=None,
+    p.add_argument("--perplexity", metavar="FILE", type=non_empty_path, default=None,
                    help="perplexity over a .txt (paragraphs) or .jsonl ({\"text\"} or "
                    "instruction/multiple-choice records) file")
     p.add_argument("--prompt", metavar="TEXT", default=None,
@@ -73,7 +75,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-other-base", action="store_true",
                    help="evaluate an adapter that recorded another base model (refused by "
                    "default: its weights differ from the ones it was trained on)")
-    p.add_argument("--out", metavar="DIR", default=None,
+    p.add_argument("--out", metavar="DIR", type=non_empty_path, default=None,
                    help="write eval_results.json and routing_statistics.json here")
     p.add_argument("--overwrite", action="store_true",
                    help="replace those files in a non-empty --out directory")

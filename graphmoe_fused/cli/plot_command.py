@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .args import run_guarded
+from .args import non_empty_path, run_guarded
 
 PROG = "graphmoe-fused plot"
 
@@ -21,9 +21,9 @@ def add_parser(subparsers: Any) -> None:
         "rounds T, speed-up table). Each file's kind is read from its content; the PNGs are "
         "named by kind (workload.png, aux_loss.png, round_latency.png, speedups.png), "
         "prefixed with the input's stem when several inputs give the same kind.")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", type=non_empty_path,
                         help="train_log.jsonl, routing_statistics.json or benchmark JSON files")
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", required=True, metavar="DIR", type=non_empty_path,
                         help="folder for the PNGs (created when missing)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace PNGs that already exist (refused by default)")

@@ -134,8 +134,13 @@ def check_output_dir(out: str | None, overwrite: bool) -> None:
     if out is None:
         return
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output directory {out} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():  # the path, or a folder it would be made in, is a file
+        raise FileExistsError(f"output directory {out}: {existing} is not a directory")
+    if (path / "train_config.json").is_file():  # training.outputs.CONFIG_FILE
+        # its routing_statistics.json is the training run's: --overwrite would replace it
+        raise FileExistsError(f"output directory {out} is a training run's: write the "
+                              f"evaluation into a folder of its own (e.g. {path / 'eval'})")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} exists and is not empty: pass --overwrite "
                               f"to replace its {RESULTS_NAME} and {ROUTING_NAME}")

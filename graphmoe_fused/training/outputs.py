@@ -39,8 +39,9 @@ def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuses (``ValueError``/``FileNotFoundError``, one line) an output directory that would
     mix runs: a non-empty one without ``overwrite``/``resume``, a file, or ``resume`` without a
     checkpoint."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir {path} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():  # the path, or a folder it would be made in, is a file
+        raise ValueError(f"output_dir {path}: {existing} is not a directory")
     if resume:
         if newest_checkpoint(path) is None:
             raise FileNotFoundError(
@@ -141,6 +142,17 @@ class EventLog:
 
 
 def read_events(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    """The events of a ``train_log.jsonl``. A last line cut short (a run killed while writing
+    it: no newline after it) is left out; any other line that is not JSON is an error naming
+    it."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                return
+            raise ValueError(f"{path}:{number}: not a JSON event ({exc.msg})") from None
