@@ -253,9 +253,11 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
     train(_config(out, max_steps=2, save_every=1), log=_quiet, progress=False)
     state = out / "checkpoints" / "step-2" / "trainer_state.json"
     state.write_text(json.dumps({"step": 2}))
+    settings = (out / "train_config.json").read_text()
     with pytest.raises(ValueError, match=r"step-2/trainer_state.json lacks \['tokens'"):
         train(TrainConfig(output_dir=str(out), resume=True, max_steps=3), log=_quiet,
               progress=False)
+    assert (out / "train_config.json").read_text() == settings  # max_steps still 2
     shutil.rmtree(out / "checkpoints" / "step-2")
     weights = out / "checkpoints" / "step-1" / "adapter" / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short

@@ -166,7 +166,8 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:  # a crashed run must not leave the old adapter beside its config
             remove_previous_results(out)
-        write_json(out / CONFIG_FILE, cfg.to_dict())
+        if prep.resume_from is None:  # resuming, once the checkpoint has loaded (below)
+            write_json(out / CONFIG_FILE, cfg.to_dict())
     accelerator.wait_for_everyone()
 
     # The base fingerprint of the adapter's metadata reads the whole base: before sharding.
@@ -194,6 +195,8 @@ def train(cfg: TrainConfig, log: Log = print, *, progress: bool = True,
         start_step, tokens_before = int(state["step"]), int(state["tokens"])
         elapsed_before = float(state["elapsed_s"])
         _restore_counts(inner, state["routing"], keep=main)
+        if main:  # a resume that failed above leaves the run's own settings
+            write_json(out / CONFIG_FILE, cfg.to_dict())
         if (out / LOG_FILE).is_file():
             history = [e for e in read_events(out / LOG_FILE)
                        if e.get("event") == "step" and e["step"] <= start_step]
