@@ -323,6 +323,11 @@ def test_config_file_values_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"run\.yaml: learning_rate=-1 must be"):
         TrainConfig.from_sources(yaml_file, {})
     assert TrainConfig.from_sources(yaml_file, {"learning_rate": 5e-4}).learning_rate == 5e-4
+    # A combination the file alone gets wrong that a flag puts right is taken as well.
+    yaml_file.write_text("top_k: 9\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: .*top_k"):
+        TrainConfig.from_sources(yaml_file, {})
+    assert TrainConfig.from_sources(yaml_file, {"num_experts": 16}).top_k == 9
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"# caf\xe9\nepochs: 3\n")
     with pytest.raises(DataError, match=r"latin\.yaml: not UTF-8 text \(byte 5\)"):

@@ -227,12 +227,12 @@ class TrainConfig:
         """
         values = dict(read_config_file(path)) if path is not None else {}
         overrides = dict(overrides or {})
-        if path is not None:  # names a bad key or value in the file itself (unless a flag wins)
-            cls.from_dict({k: v for k, v in values.items() if k not in overrides}, str(path))
-        values.update(overrides)
         try:
-            return cls.from_dict(values, "command line" if path is None else f"{path} + flags")
-        except ValueError as exc:  # the defaults and the file alone are valid
+            return cls.from_dict({**values, **overrides},
+                                 "command line" if path is None else f"{path} + flags")
+        except ValueError as exc:
+            if path is not None:  # a bad key or value in the file itself, named as such
+                cls.from_dict({k: v for k, v in values.items() if k not in overrides}, str(path))
             raise OverrideError(str(exc)) from None
 
 
