@@ -105,7 +105,7 @@ def _check_shapes(skeleton: nn.Module, saved: GraphMoEConfig, directory: str | P
         raise ValueError(f"the adapter in {directory} cannot be applied to this model: "
                          f"{exc}") from None
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(skeleton).items()}
-    with open_safetensors(str(weights)) as f:
+    with open_safetensors(weights) as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:

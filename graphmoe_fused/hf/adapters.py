@@ -285,7 +285,7 @@ def base_model_mismatch(saved: dict[str, Any] | None, model: nn.Module,
 
 def adapter_base_identity(path: str | os.PathLike) -> dict[str, Any] | None:
     """The base identity recorded in the adapter directory ``path`` (``None``: none recorded)."""
-    with open_safetensors(str(Path(path) / WEIGHTS_NAME)) as f:
+    with open_safetensors(Path(path) / WEIGHTS_NAME) as f:
         return saved_base_model(f.metadata())
 
 
@@ -437,7 +437,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, **config_overrides) 
     if not weights_file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
     convert_for(model, saved, **config_overrides)
-    with open_safetensors(str(weights_file)) as f:
+    with open_safetensors(weights_file) as f:
         tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
         metadata = f.metadata()
     copy_into(adapter_state_dict(model), tensors, "adapter")

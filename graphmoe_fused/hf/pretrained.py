@@ -182,7 +182,7 @@ def _add_to_peft_weights(directory: Path, tensors: dict[str, torch.Tensor],
                          metadata: dict[str, str]) -> None:
     safetensors_file, bin_file = (directory / name for name in PEFT_WEIGHTS_NAMES)
     if safetensors_file.is_file():
-        with open_safetensors(str(safetensors_file)) as f:
+        with open_safetensors(safetensors_file) as f:
             existing = {k: f.get_tensor(k) for k in f.keys()}
             old_metadata = f.metadata() or {}
         save_file({**existing, **tensors}, str(safetensors_file),
@@ -327,7 +327,7 @@ def _recorded_base(adapter_dir, kind: str) -> str:
         config = json.loads(Path(adapter_dir, PEFT_CONFIG_NAME).read_text(encoding="utf-8"))
         name = config.get("base_model_name_or_path")
     else:
-        with open_safetensors(str(Path(adapter_dir, WEIGHTS_NAME))) as f:
+        with open_safetensors(Path(adapter_dir, WEIGHTS_NAME)) as f:
             name = (saved_base_model(f.metadata()) or {}).get("name_or_path")
     if not name:
         raise ValueError(
@@ -340,7 +340,7 @@ def _recorded_base(adapter_dir, kind: str) -> str:
 def _peft_weights(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     safetensors_file, bin_file = (Path(adapter_dir, name) for name in PEFT_WEIGHTS_NAMES)
     if safetensors_file.is_file():
-        with open_safetensors(str(safetensors_file)) as f:
+        with open_safetensors(safetensors_file) as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     return torch.load(bin_file, map_location="cpu", weights_only=True), {}
 
