@@ -85,8 +85,14 @@ def test_the_rounds_come_from_compare_rounds(capsys):
     with pytest.raises(SystemExit):
         app.main(["experiment", "--compare-rounds", "0"])
     assert "--compare-rounds" in capsys.readouterr().err
-    assert app.main(["experiment", "--num-rounds", "2"]) == 1
+    assert app.main(["experiment", "--num-rounds", "2"]) == 2
     assert "use --compare-rounds" in capsys.readouterr().err
+
+
+def test_seed_and_seeds_together_are_refused(capsys):
+    """``--seeds`` names every seed; a ``--seed`` beside it would be silently ignored."""
+    assert app.main(["experiment", "--seed", "3", "--seeds", "0", "1"]) == 2
+    assert "--seed 3 with --seeds" in capsys.readouterr().err
 
 
 def test_several_seeds_report_the_mean_of_their_arms(tmp_path):

@@ -109,6 +109,21 @@ def test_builtin_preset_fills_only_fields_the_user_did_not_set(tmp_path):
 # --- resume -----------------------------------------------------------------------------------
 
 
+def test_examples_cut_by_the_cutoff_are_counted(tmp_path):
+    """The built-in examples are 36-38 tokens: at 37 the 38-token ones are cut (the 37-token
+    ones fill it exactly and are not); at 64 none is, and nothing is said."""
+    lines: list[str] = []
+    train(_config(tmp_path / "cut", max_steps=1, cutoff_len=37), log=lines.append,
+          progress=False)
+    warned = [line for line in lines if "cutoff_len" in line]
+    assert warned == ["warning: 24 of 72 training examples are longer than cutoff_len=37 "
+                      "tokens: cut there, their ends are not learnt (raise --cutoff-len to keep "
+                      "them)"]
+    lines.clear()
+    train(_config(tmp_path / "whole", max_steps=1), log=lines.append, progress=False)
+    assert not any("cutoff_len" in line for line in lines)
+
+
 class _Stop(Exception):
     pass
 
@@ -339,7 +354,9 @@ def test_config_file_values_and_errors(tmp_path):
 def test_cli_bad_setting_is_a_bad_flag(tmp_path, capsys):
     """A value the settings refuse is a bad command line, as one argparse refuses: status 2."""
     for argv, message in ((["--lr", "-1"], "learning_rate=-1.0 must be a finite number > 0"),
-                          (["--experts", "2", "--top-k", "3"], "top_k=3 must not exceed")):
+                          (["--experts", "2", "--top-k", "3"], "top_k=3 must not exceed"),
+                          (["--builtin-task", "chian"],
+                           "builtin_task='chian' is not a built-in task; choose from chain")):
         assert train_command.main([*argv, "--output-dir", str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

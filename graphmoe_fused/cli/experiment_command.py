@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import non_negative_int, positive_int, run_guarded
+from .args import FlagError, non_negative_int, positive_int, run_guarded
 from .train_command import add_arguments, config_from_args, setting_flags
 
 PROG = "graphmoe-fused experiment"
@@ -39,9 +39,13 @@ def run(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from ..experiments import format_rounds_table, run_rounds_experiment
     from ..experiments.rounds import SUMMARY_FILE, default_experiment_dir
-    if "num_rounds" in setting_flags(args):
-        raise ValueError("--num-rounds/--rounds: the experiment sets the rounds of each arm; "
-                         "use --compare-rounds")
+    flags = setting_flags(args)
+    if "num_rounds" in flags:
+        raise FlagError("--num-rounds/--rounds: the experiment sets the rounds of each arm; "
+                        "use --compare-rounds")
+    if "seed" in flags and args.seeds is not None:
+        raise FlagError(f"--seed {flags['seed']} with --seeds: --seeds names every seed the "
+                        "arms train with; give one of the two")
     base = config_from_args(args)
     if base.output_dir is None:
         base = base.replace(output_dir=default_experiment_dir())

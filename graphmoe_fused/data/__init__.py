@@ -7,6 +7,7 @@ from .encoding import (
     collate,
     encode_example,
     encode_prompt,
+    encoded_length,
     label_token_ids,
     pad_token_id,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "builtin_tokenizer",
     "collate",
     "encode_example",
+    "encoded_length",
     "encode_prompt",
     "label_token_ids",
     "load_data_files",

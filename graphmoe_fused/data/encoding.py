@@ -37,6 +37,23 @@ def _strip_added_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int],
     return ids
 
 
+def _full_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[int], int]:
+    """The ids of the prompt, completion and EOS, uncut, and where the completion starts."""
+    prompt_ids = _ids(tokenizer, example.prompt)
+    full = _ids(tokenizer, example.prompt + example.completion)
+    full = _strip_added_eos(tokenizer, full, prompt_ids)
+    prompt_ids = _strip_added_eos(tokenizer, prompt_ids, prompt_ids)
+    boundary = _common_prefix(prompt_ids, full)
+    if tokenizer.eos_token_id is not None:
+        full = [*full, tokenizer.eos_token_id]
+    return full, boundary
+
+
+def encoded_length(tokenizer: PreTrainedTokenizerBase, example: Example) -> int:
+    """How many tokens :func:`encode_example` gives ``example`` before any cutoff."""
+    return len(_full_ids(tokenizer, example)[0])
+
+
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example,
                    cutoff: int) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` of ``example``: the prompt (with the BOS
@@ -53,13 +70,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example,
     """
     if cutoff < 1:
         raise ValueError(f"cutoff must be a positive number of tokens, got {cutoff}")
-    prompt_ids = _ids(tokenizer, example.prompt)
-    full = _ids(tokenizer, example.prompt + example.completion)
-    full = _strip_added_eos(tokenizer, full, prompt_ids)
-    prompt_ids = _strip_added_eos(tokenizer, prompt_ids, prompt_ids)
-    boundary = _common_prefix(prompt_ids, full)
-    if tokenizer.eos_token_id is not None:
-        full = [*full, tokenizer.eos_token_id]
+    full, boundary = _full_ids(tokenizer, example)
     labels = [IGNORE_INDEX] * boundary + full[boundary:]
     full, labels = full[:cutoff], labels[:cutoff]
     if all(label == IGNORE_INDEX for label in labels):

@@ -395,7 +395,13 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
     if cfg.output_dir is None:
         cfg = cfg.replace(output_dir=str(out))
 
-    from ..data import builtin_task, encode_example, label_token_ids, load_data_files
+    from ..data import (
+        builtin_task,
+        encode_example,
+        encoded_length,
+        label_token_ids,
+        load_data_files,
+    )
     from ..hf.local_model import check_convertible, load_base_model
 
     model, tokenizer = load_base_model(cfg.model)  # the built-in base is one fixed model
@@ -408,6 +414,14 @@ def _prepare(cfg: TrainConfig, world: int, say: Log) -> _Prepared:
         examples, eval_sets = list(task.train), dict(task.eval)
         say(f"data: the built-in task: {task.description}")
     features = [encode_example(tokenizer, ex, cfg.cutoff_len) for ex in examples]
+    # Only an example that fills the cutoff can have been cut: only those are encoded again.
+    cut = sum(len(f["input_ids"]) == cfg.cutoff_len
+              and encoded_length(tokenizer, ex) > cfg.cutoff_len
+              for ex, f in zip(examples, features, strict=True))
+    if cut:
+        say(f"warning: {cut} of {len(features)} training examples are longer than cutoff_len="
+            f"{cfg.cutoff_len} tokens: cut there, their ends are not learnt (raise "
+            "--cutoff-len to keep them)")
     checked: set[tuple[str, ...]] = set()
     for ex in [*examples, *(e for exs in eval_sets.values() for e in exs)]:
         if ex.choices and ex.choices not in checked:

@@ -139,8 +139,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a non-empty path or null")
         if not all(isinstance(p, str) and p for p in self.data):
             raise ValueError(f"data={self.data!r} must be a list of file paths")
-        if not isinstance(self.builtin_task, str) or not self.builtin_task:
-            raise ValueError(f"builtin_task={self.builtin_task!r} must be a task name")
+        from ..data.builtin import BUILTIN_TASKS
+
+        if self.builtin_task not in BUILTIN_TASKS:
+            raise ValueError(f"builtin_task={self.builtin_task!r} is not a built-in task; "
+                             f"choose from {', '.join(BUILTIN_TASKS)}")
         for name in ("overwrite", "resume", "gradient_checkpointing", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
