@@ -173,6 +173,7 @@ MC = {"question": "q?", "choices": ["x", "y"], "answer": "A"}
 INSTR = {"instruction": "do", "output": "done"}
 MALFORMED = [
     ('{"question": "q?", "choices": ["x", "y"], "answer": "A"', "invalid JSON"),
+    ('{"instruction": "do", "output": "x", "output": "y"}', "key 'output' is given twice"),
     ("[1, 2]", "expected a JSON object, got list"),
     ('"text"', "expected a JSON object, got str"),
     ({"prompt": "p", "completion": "c"}, "neither an instruction record"),

@@ -231,6 +231,10 @@ def test_perplexity_files_split_on_newlines_only(tmp_path):
                      + "{oops\n", encoding="utf-8", newline="")
     with pytest.raises(DataError, match=r"text.jsonl:3: not valid JSON"):
         read_documents(lines)
+    lines.write_text('{"text": "one"}\n{"text": "a", "text": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"text.jsonl:2: not valid JSON \(key 'text' is given "
+                                        r"twice\)"):
+        read_documents(lines)
     lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                      encoding="utf-8")
     assert read_documents(lines) == [LINE_BREAKS_IN_STRINGS, "two"]

@@ -343,6 +343,16 @@ def test_config_file_values_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"run\.yaml: .*top_k"):
         TrainConfig.from_sources(yaml_file, {})
     assert TrainConfig.from_sources(yaml_file, {"num_experts": 16}).top_k == 9
+    # A key given twice would keep its last value, silently.
+    yaml_file.write_text("epochs: 3\nlearning_rate: 1e-3\nepochs: 4\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: not valid YAML: key 'epochs' is given "
+                                         r"twice at line 3, column 1"):
+        read_config_file(yaml_file)
+    json_file = tmp_path / "run.json"
+    json_file.write_text('{"epochs": 3, "epochs": 4}')
+    with pytest.raises(ValueError, match=r"run\.json: not valid JSON: key 'epochs' is given "
+                                         "twice"):
+        read_config_file(json_file)
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"# caf\xe9\nepochs: 3\n")
     with pytest.raises(DataError, match=r"latin\.yaml: not UTF-8 text \(byte 5\)"):

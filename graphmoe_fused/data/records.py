@@ -156,6 +156,17 @@ def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
         yield number, line.removesuffix("\r")
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: an object, refusing a key given twice (json
+    keeps the last one, silently). Raises ``ValueError`` naming the key."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"key {key!r} is given twice")
+        values[key] = value
+    return values
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Every example of the JSONL file ``path`` (blank lines skipped), checked line by line.
 
@@ -171,9 +182,11 @@ def read_jsonl(path: str | Path) -> list[Example]:
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except ValueError as e:  # unique_keys
+            raise DataError(f"{where}: {e}") from None
         examples.append(parse_record(obj, where))
     if not examples:
         raise DataError(f"{path}: no examples")

@@ -113,13 +113,14 @@ def _text_lines(path: Path, text: str) -> list[str] | None:
     """The documents of a ``{"text": ...}`` JSONL file; ``None`` when its first record is not one
     (then it is a training-format file, read by ``read_jsonl``)."""
     from ..data import DataError
+    from ..data.records import unique_keys
 
     documents: list[str] | None = None
     for number, line in numbered_lines(text):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=unique_keys)
         except ValueError as exc:
             raise DataError(f"{path}:{number}: not valid JSON ({exc})") from None
         is_text = isinstance(record, dict) and "text" in record

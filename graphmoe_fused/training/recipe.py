@@ -250,19 +250,21 @@ def config_fields() -> tuple[dataclasses.Field, ...]:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML/JSON config file; one-line errors naming the file."""
-    from ..data.records import read_text_file
+    from ..data.records import read_text_file, unique_keys
 
     path = Path(path)
     text = read_text_file(path, "config file")
     try:
         if path.suffix.lower() == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=unique_keys)
         else:
             values = _yaml_load(text)
     except ValueError as exc:  # json.JSONDecodeError
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
     except Exception as exc:  # yaml.YAMLError
-        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        # PyYAML names the text it read as '"<unicode string>"'; the path is named already.
+        message = " ".join(str(exc).replace(' in "<unicode string>",', " at").split())
+        raise ValueError(f"{path}: not valid YAML: {message}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -280,7 +282,16 @@ def _yaml_load(text: str) -> Any:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of a key given twice, silently.
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT,
                                  list("-+0123456789."))
