@@ -108,6 +108,9 @@ BAD_VALUES = [
     (["--experts", "2", "--top-k", "3"], "argument --top-k: 3 exceeds --experts 2"),
     (["--batch-size", "0"], "argument --batch-size: 0 is not an integer >= 1"),
     (["--threads", "0"], "argument --threads: 0 is not an integer >= 1"),
+    (["--threads", str((os.cpu_count() or 1) + 1)],
+     f"argument --threads: {(os.cpu_count() or 1) + 1} exceeds this machine's "
+     f"{os.cpu_count() or 1} CPUs"),
     (["--seed", "-1"], "argument --seed: -1 is not in [0, 2**64 - 1]"),
     (["--seed", str(2**64)], f"argument --seed: {2**64} is not in [0, 2**64 - 1]"),
     (["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),

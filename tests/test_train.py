@@ -343,6 +343,12 @@ def test_config_file_values_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"run\.yaml: .*top_k"):
         TrainConfig.from_sources(yaml_file, {})
     assert TrainConfig.from_sources(yaml_file, {"num_experts": 16}).top_k == 9
+    # A data file the file names but that is not there names the file, and where paths start.
+    yaml_file.write_text("data: [train.jsonl]\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: data file 'train\.jsonl' does not exist "
+                                         r"\(a relative path in a config file is taken from"):
+        TrainConfig.from_sources(yaml_file, {})
+    assert TrainConfig.from_sources(yaml_file, {"data": []}).data == []
     # A key given twice would keep its last value, silently.
     yaml_file.write_text("epochs: 3\nlearning_rate: 1e-3\nepochs: 4\n")
     with pytest.raises(ValueError, match=r"run\.yaml: not valid YAML: key 'epochs' is given "

@@ -13,6 +13,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import torch
@@ -87,6 +88,9 @@ def _check_machine(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     """What parsing one flag at a time cannot see: other flags, and this machine."""
     if args.top_k > args.experts:
         parser.error(f"argument --top-k: {args.top_k} exceeds --experts {args.experts}")
+    cpus = os.cpu_count() or 1
+    if args.threads > cpus:
+        parser.error(f"argument --threads: {args.threads} exceeds this machine's {cpus} CPUs")
     try:
         device = resolve_device(args.device)
     except ValueError as exc:

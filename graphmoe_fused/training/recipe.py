@@ -231,12 +231,20 @@ class TrainConfig:
         values = dict(read_config_file(path)) if path is not None else {}
         overrides = dict(overrides or {})
         try:
-            return cls.from_dict({**values, **overrides},
-                                 "command line" if path is None else f"{path} + flags")
+            cfg = cls.from_dict({**values, **overrides},
+                                "command line" if path is None else f"{path} + flags")
         except ValueError as exc:
             if path is not None:  # a bad key or value in the file itself, named as such
                 cls.from_dict({k: v for k, v in values.items() if k not in overrides}, str(path))
             raise OverrideError(str(exc)) from None
+        if path is not None and "data" not in overrides:
+            for data_file in cfg.data:
+                if not Path(data_file).exists():
+                    raise ValueError(
+                        f"{path}: data file {data_file!r} does not exist (a relative path in a "
+                        f"config file is taken from the directory you run in, {Path.cwd()}, "
+                        "as on the command line)")
+        return cfg
 
 
 class OverrideError(ValueError):
