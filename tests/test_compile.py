@@ -13,6 +13,11 @@ recompilation limit, say) cannot pass as a compiled run.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
@@ -154,3 +159,53 @@ def test_compiled_layer_with_dropout_compiles_once(compiler):
         for name, grad in grads.items():
             torch.testing.assert_close(c_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert frames[0] > 0 and frames[-1] == frames[0], frames  # compiled, and only once
+
+
+# In a fresh interpreter: the functions that must run eagerly inside a compiled model are made on
+# their first call (graphmoe_fused.eager), so only a process whose first call is compiled reaches
+# that path; the tests above run eagerly first.
+COMPILED_FIRST = textwrap.dedent("""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from tests.test_compile import _grads, _step
+    from tests.tiny_models import converted, enable_checkpointing
+
+    for reentrant in (False, True):  # True: the aux term deferred to the backward
+        model = converted("llama", router_aux_loss_coef=1.0, backend="torch",
+                          lora_dropout=0.1).train()
+        if reentrant:
+            enable_checkpointing(model, use_reentrant=True)
+        counter = CompileCounterWithBackend("aot_eager")
+        torch.manual_seed(0)
+        c_loss, c_aux = _step(torch.compile(model, backend=counter))
+        compiled = _grads(model)
+        torch.manual_seed(0)
+        loss, aux = _step(model)
+        eager = _grads(model)
+        assert counter.frame_count > 0
+        torch.testing.assert_close(c_loss, loss)
+        torch.testing.assert_close(c_aux, aux)
+        for name, grad in eager.items():
+            assert torch.count_nonzero(grad) > 0, name
+            torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    print("ok")
+""")
+
+
+def test_compiled_first_in_a_fresh_process_matches_eager():
+    """The load-balancing term, the output class with ``aux_loss`` and the dropout path, each
+    first called inside a compiled model (with and without reentrant checkpointing): the
+    loss, aux loss and every gradient of eager mode."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", COMPILED_FIRST], cwd=root, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_import_leaves_dynamo_unloaded():
+    """``import graphmoe_fused`` does not import Dynamo (1.3 s of every process that never
+    compiles: the CLI, the GPU check's workers): ``torch.compiler.disable`` waits for a call."""
+    code = "import sys, graphmoe_fused; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

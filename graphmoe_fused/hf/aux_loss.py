@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..eager import eager_under_compile
 from ..layer import GraphMoEMLP, RoutingEvent
 
 
@@ -158,7 +159,7 @@ class RoutingRecorder:
                 loss = loss + term.to(device=loss.device, dtype=loss.dtype)
         return loss
 
-    @torch.compiler.disable
+    @eager_under_compile
     def _defer(self, loss: torch.Tensor, frozen: list[tuple[GraphMoEMLP, torch.Tensor]],
                factor: torch.Tensor | float) -> torch.Tensor:
         # Reentrant checkpointing: the aux losses of these layers have no graph yet (see the
@@ -171,6 +172,6 @@ class RoutingRecorder:
         return _FrozenAuxTerm.apply(loss, term, factor, self.aux_grad)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def _inject(y: torch.Tensor, aux: torch.Tensor, grad_each: torch.Tensor) -> torch.Tensor:
     return _AuxGradInjector.apply(y, aux, grad_each)

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..config import GraphMoEConfig
+from ..eager import eager_under_compile
 from ..layer import GraphMoEMLP
 from .aux_loss import RoutingRecorder
 
@@ -169,7 +170,7 @@ class _ModuleHooks:
 _WITH_AUX_LOSS: dict[type, type] = {}
 
 
-@torch.compiler.disable  # runs once per output class; a compiled forward then finds it cached
+@eager_under_compile  # runs once per output class; a compiled forward then finds it cached
 def _output_class_with_aux_loss(cls: type[ModelOutput]) -> type[ModelOutput]:
     """``cls`` plus an ``aux_loss`` field. DDP (and anything else that flattens outputs as
     pytrees) rebuilds a ``ModelOutput`` from its fields, so a key its class does not declare

@@ -56,6 +56,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ...eager import eager_under_compile
 from ..contract import (
     GraphMoEParams,
     RoundOptions,
@@ -651,4 +652,4 @@ def graphmoe_torch_unchecked(
 # Dynamo, the seed is a constant to recompile for at every step, then a symbolic integer whose
 # 32-bit hash Inductor's symbolic maths does not finish simplifying. The Function then runs
 # eagerly inside a compiled model (a graph break around it); without dropout it is traced.
-_apply_with_dropout = torch.compiler.disable(_GraphMoEFunction.apply)
+_apply_with_dropout = eager_under_compile(_GraphMoEFunction.apply)
