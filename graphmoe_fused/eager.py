@@ -2,9 +2,11 @@
 
 ``torch.compiler.disable`` imports Dynamo, 1.3 s that every ``import graphmoe_fused`` would pay
 for the few functions that must run eagerly inside a compiled model, also where nothing is ever
-compiled (a CLI, a worker process). Made on first call instead, it costs that only when one of
-them runs: inside a compiled region the first call is traced up to the ``disable``, which Dynamo
-runs eagerly (a graph break where the function would break the graph anyway).
+compiled and no Hugging Face model is loaded (transformers' modeling modules import Dynamo
+themselves): the layer on its own, the kernels, the GPU check's worker processes. Made on first
+call instead, it costs that only when one of them runs: inside a compiled region the first call
+is traced up to the ``disable``, which Dynamo runs eagerly (a graph break where the function
+would break the graph anyway).
 """
 
 from __future__ import annotations

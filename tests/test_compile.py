@@ -203,8 +203,9 @@ def test_compiled_first_in_a_fresh_process_matches_eager():
 
 
 def test_import_leaves_dynamo_unloaded():
-    """``import graphmoe_fused`` does not import Dynamo (1.3 s of every process that never
-    compiles: the CLI, the GPU check's workers): ``torch.compiler.disable`` waits for a call."""
+    """``import graphmoe_fused`` does not import Dynamo (1.3 s of every process that neither
+    compiles nor loads a transformers model, the GPU check's workers among them):
+    ``torch.compiler.disable`` waits for a call."""
     code = "import sys, graphmoe_fused; print('torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                           text=True, capture_output=True, timeout=300)
