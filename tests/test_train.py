@@ -106,9 +106,6 @@ def test_builtin_preset_fills_only_fields_the_user_did_not_set(tmp_path):
     assert TrainConfig().epochs == 2  # the paper's recipe when a --model is given
 
 
-# --- resume -----------------------------------------------------------------------------------
-
-
 def test_examples_cut_by_the_cutoff_are_counted(tmp_path):
     """The built-in examples are 36-38 tokens: at 37 the 38-token ones are cut (the 37-token
     ones fill it exactly and are not); at 64 none is, and nothing is said."""
@@ -122,6 +119,9 @@ def test_examples_cut_by_the_cutoff_are_counted(tmp_path):
     lines.clear()
     train(_config(tmp_path / "whole", max_steps=1), log=lines.append, progress=False)
     assert not any("cutoff_len" in line for line in lines)
+
+
+# --- resume -----------------------------------------------------------------------------------
 
 
 class _Stop(Exception):

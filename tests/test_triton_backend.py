@@ -331,10 +331,9 @@ def test_backward_low_precision_within_reference_error(dtype):
         # kernel GRU backward swapped for torch's moves nothing; W_z's excess is this seed's
         # luck in where each path rounds (five other seeds: 0.3-1.2×). An fp32 GRU state in
         # the kernels (as the torch backend keeps it) changed W_z's error by < 0.7 eps either
-        # way across six seeds. 2× (fp16) or 3.5×
-        # (bf16) plus a quarter ulp, and never above 6.4 eps (5 % in bf16), as the torch
-        # backend's test: a wrong term is O(1), and so is a missing one. bf16 cannot resolve a
-        # 1 % error here; the fp32 tests pin that.
+        # way across six seeds. 2× (fp16) or 3.5× (bf16) plus a quarter ulp, and never above
+        # 6.4 eps (5 % in bf16), as the torch backend's test: a wrong term is O(1), and so is a
+        # missing one. bf16 cannot resolve a 1 % error here; the fp32 tests pin that.
         factor = 3.5 if dtype == torch.bfloat16 and name not in ("y", "probs") else 2
         assert err(got, truth) <= factor * err(ref_value, truth) + eps / 4, name
         assert err(got, truth) < 6.4 * eps, name
